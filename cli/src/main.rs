@@ -1,0 +1,34 @@
+//! `kvmesh`: one command for every part of the system. It wires crates together and holds no
+//! routing logic of its own.
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+/// KV-cache-aware routing for LLM inference fleets behind Envoy.
+#[derive(Parser)]
+#[command(name = "kvmesh", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Route a built-in multi-turn chat workload over a simulated fleet and print where it went.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("kvmesh: {err:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The crate's error type.
+
+use thiserror::Error;
+
+/// What went wrong in routing logic. Request-body problems are [`crate::request::RequestError`],
+/// wrapped here so callers can map each to its HTTP status.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The request body could not be used.
+    #[error(transparent)]
+    Request(#[from] crate::request::RequestError),
+    /// The fleet table is full.
+    #[error("too many workers: at most {limit} fit in one fleet table")]
+    TooManyWorkers {
+        /// The limit.
+        limit: usize,
+    },
+}

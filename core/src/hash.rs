@@ -1,0 +1,225 @@
+//! Block hashing: the chained 64-bit hash that names a block of KV cache (DESIGN.md section 4).
+//!
+//! `h_i = xxh3_64(seed = HASH_SEED, bytes = h_{i-1} LE || salt LE || token ids of block i as u32 LE)`,
+//! with `h_{-1} = 0`. Only full blocks are hashed: engines cache nothing smaller. The filter computes
+//! these from the tokens of a prompt, the control plane from the token ids in engine events, so both
+//! sides name the same block the same way without ever comparing engine-specific hashes.
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed};
+
+/// One token id as the engine's tokenizer produces it.
+pub type TokenId = u32;
+
+/// Fixed seed of the block hash ("kvmesh\0\x01"): changing it invalidates every index, so never do.
+pub const HASH_SEED: u64 = 0x6b76_6d65_7368_0001;
+
+/// Parent of the first block of a sequence.
+const ROOT_PARENT: u64 = 0;
+
+/// Largest block hashed from a stack buffer; bigger blocks stream through the hasher instead.
+const STACK_TOKENS: usize = 256;
+
+/// Name of one full block of KV cache: its tokens and everything before them.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BlockHash(pub u64);
+
+/// What besides the tokens changes a block's KV: LoRA adapter, multimodal content, cache salt.
+/// Zero means none. The same salt is mixed into every block of a sequence.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BlockSalt(pub u64);
+
+impl BlockSalt {
+    /// No adapter, no multimodal content.
+    pub const NONE: BlockSalt = BlockSalt(0);
+
+    /// Salt for a LoRA adapter by name; `None` and `""` mean the base model.
+    pub fn lora(name: Option<&str>) -> BlockSalt {
+        match name {
+            None | Some("") => BlockSalt::NONE,
+            Some(name) => BlockSalt(xxh3_64_with_seed(name.as_bytes(), HASH_SEED ^ 0x6c6f_7261)),
+        }
+    }
+
+    /// This salt combined with another input (a multimodal content hash, a cache salt).
+    pub fn with(self, part: u64) -> BlockSalt {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&self.0.to_le_bytes());
+        bytes[8..].copy_from_slice(&part.to_le_bytes());
+        BlockSalt(xxh3_64_with_seed(&bytes, HASH_SEED))
+    }
+}
+
+/// Hash of one block given its parent's hash (`None` for the first block).
+pub fn hash_block(parent: Option<BlockHash>, tokens: &[TokenId], salt: BlockSalt) -> BlockHash {
+    let parent = parent.map_or(ROOT_PARENT, |p| p.0);
+    if tokens.len() <= STACK_TOKENS {
+        let mut buf = [0u8; 16 + 4 * STACK_TOKENS];
+        buf[..8].copy_from_slice(&parent.to_le_bytes());
+        buf[8..16].copy_from_slice(&salt.0.to_le_bytes());
+        for (chunk, token) in buf[16..].chunks_exact_mut(4).zip(tokens) {
+            chunk.copy_from_slice(&token.to_le_bytes());
+        }
+        BlockHash(xxh3_64_with_seed(&buf[..16 + 4 * tokens.len()], HASH_SEED))
+    } else {
+        let mut h = Xxh3::with_seed(HASH_SEED);
+        h.update(&parent.to_le_bytes());
+        h.update(&salt.0.to_le_bytes());
+        for token in tokens {
+            h.update(&token.to_le_bytes());
+        }
+        BlockHash(h.digest())
+    }
+}
+
+/// Hashes of every full block of `tokens`, appended to `out` (which is not cleared).
+/// A trailing partial block is ignored. `block_size` must be at least 1.
+pub fn hash_prompt(tokens: &[TokenId], block_size: usize, salt: BlockSalt, out: &mut Vec<BlockHash>) {
+    let mut hasher = BlockHasher::new(block_size, salt);
+    out.reserve(tokens.len() / block_size.max(1));
+    for block in tokens.chunks_exact(block_size.max(1)) {
+        out.push(hasher.next_block(block));
+    }
+}
+
+/// Incremental hasher: feeds one block at a time, so a caller can stop at the first block that no
+/// worker holds (early exit) without hashing the rest.
+#[derive(Clone, Debug)]
+pub struct BlockHasher {
+    block_size: usize,
+    salt: BlockSalt,
+    parent: Option<BlockHash>,
+    blocks: usize,
+}
+
+impl BlockHasher {
+    /// A hasher at the start of a sequence.
+    pub fn new(block_size: usize, salt: BlockSalt) -> Self {
+        BlockHasher { block_size: block_size.max(1), salt, parent: None, blocks: 0 }
+    }
+
+    /// A hasher that continues after the block named `parent` (as an engine event's `parent_block_hash`).
+    pub fn after(parent: Option<BlockHash>, block_size: usize, salt: BlockSalt) -> Self {
+        BlockHasher { block_size: block_size.max(1), salt, parent, blocks: 0 }
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Blocks hashed so far.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Hash of the last block fed, if any.
+    pub fn last(&self) -> Option<BlockHash> {
+        self.parent
+    }
+
+    /// Hashes the next block; `tokens` should hold exactly `block_size` ids.
+    pub fn next_block(&mut self, tokens: &[TokenId]) -> BlockHash {
+        debug_assert_eq!(tokens.len(), self.block_size, "a block is hashed only when full");
+        let h = hash_block(self.parent, tokens, self.salt);
+        self.parent = Some(h);
+        self.blocks += 1;
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prompt(n: u32) -> Vec<TokenId> {
+        (0..n).map(|i| i.wrapping_mul(2_654_435_761) % 151_936).collect()
+    }
+
+    #[test]
+    fn pinned_vectors_do_not_change() {
+        // These values name blocks in every running index: a change here breaks mixed-version fleets.
+        // Computed independently with Python's `xxhash` package (xxh3_64_intdigest, same bytes and seed).
+        let tokens: Vec<TokenId> = (0..32).collect();
+        let mut out = Vec::new();
+        hash_prompt(&tokens, 16, BlockSalt::NONE, &mut out);
+        assert_eq!(out, vec![BlockHash(0xa5bd_513e_1302_9e4c), BlockHash(0xd0b4_910b_ed88_d3b1)]);
+        assert_eq!(hash_block(None, &[], BlockSalt::NONE), BlockHash(0x37d6_6eb1_60e0_d02a));
+        assert_eq!(BlockSalt::lora(Some("sql-adapter")), BlockSalt(0xa435_1fe2_648e_9030));
+    }
+
+    #[test]
+    fn partial_block_is_not_hashed() {
+        let mut out = Vec::new();
+        hash_prompt(&prompt(47), 16, BlockSalt::NONE, &mut out);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn chain_depends_on_every_earlier_block() {
+        let a = prompt(64);
+        let mut b = a.clone();
+        b[3] += 1;
+        let (mut ha, mut hb) = (Vec::new(), Vec::new());
+        hash_prompt(&a, 16, BlockSalt::NONE, &mut ha);
+        hash_prompt(&b, 16, BlockSalt::NONE, &mut hb);
+        assert!(ha.iter().zip(&hb).all(|(x, y)| x != y));
+    }
+
+    #[test]
+    fn shared_prefix_shares_hashes() {
+        let a = prompt(64);
+        let mut b = a.clone();
+        b[40] += 1;
+        let (mut ha, mut hb) = (Vec::new(), Vec::new());
+        hash_prompt(&a, 16, BlockSalt::NONE, &mut ha);
+        hash_prompt(&b, 16, BlockSalt::NONE, &mut hb);
+        assert_eq!(ha[..2], hb[..2]);
+        assert_ne!(ha[2], hb[2]);
+    }
+
+    #[test]
+    fn salt_changes_every_block() {
+        let a = prompt(48);
+        let (mut base, mut lora) = (Vec::new(), Vec::new());
+        hash_prompt(&a, 16, BlockSalt::NONE, &mut base);
+        hash_prompt(&a, 16, BlockSalt::lora(Some("adapter")), &mut lora);
+        assert!(base.iter().zip(&lora).all(|(x, y)| x != y));
+        assert_eq!(BlockSalt::lora(Some("")), BlockSalt::NONE);
+    }
+
+    #[test]
+    fn large_blocks_stream_to_the_same_definition() {
+        // Blocks above the stack buffer take the streaming path; both paths must agree.
+        let tokens = prompt(300);
+        let mut streamed = Xxh3::with_seed(HASH_SEED);
+        streamed.update(&0u64.to_le_bytes());
+        streamed.update(&0u64.to_le_bytes());
+        for t in &tokens {
+            streamed.update(&t.to_le_bytes());
+        }
+        assert_eq!(hash_block(None, &tokens, BlockSalt::NONE), BlockHash(streamed.digest()));
+        let small = &tokens[..STACK_TOKENS];
+        let mut s2 = Xxh3::with_seed(HASH_SEED);
+        s2.update(&0u64.to_le_bytes());
+        s2.update(&0u64.to_le_bytes());
+        for t in small {
+            s2.update(&t.to_le_bytes());
+        }
+        assert_eq!(hash_block(None, small, BlockSalt::NONE), BlockHash(s2.digest()));
+    }
+
+    #[test]
+    fn resuming_after_a_parent_matches_hashing_from_the_start() {
+        // The control plane hashes an event's blocks after its parent; the filter hashes whole prompts.
+        let tokens = prompt(64);
+        let mut whole = Vec::new();
+        hash_prompt(&tokens, 16, BlockSalt::NONE, &mut whole);
+        let mut resumed = BlockHasher::after(Some(whole[1]), 16, BlockSalt::NONE);
+        assert_eq!(resumed.next_block(&tokens[32..48]), whole[2]);
+        assert_eq!(resumed.next_block(&tokens[48..64]), whole[3]);
+        assert_eq!(resumed.blocks(), 2);
+    }
+}

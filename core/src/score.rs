@@ -1,0 +1,1 @@
+//! Scoring policies (placeholder: being written).

@@ -1,0 +1,1 @@
+//! Envoy filter glue (placeholder until the filter issue lands).
