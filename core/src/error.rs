@@ -15,4 +15,12 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// A configuration value is out of its allowed range.
+    #[error("invalid configuration: `{field}` {reason}")]
+    InvalidConfig {
+        /// The offending field, as a dotted path inside its config struct (`weights.overlap_weight`).
+        field: &'static str,
+        /// What is wrong with it, with the allowed range.
+        reason: String,
+    },
 }

@@ -186,22 +186,33 @@ impl PrefixIndex {
         let Some((&first, rest)) = hashes.split_first() else { return };
         let Some(pos) = self.find(first) else { return };
         self.for_each_holder(pos, |h| out.push(Overlap { worker: WorkerSlot(h.worker), blocks: 1 }));
-        let mut running = out.len();
-        for (depth, &hash) in rest.iter().enumerate() {
-            let depth = depth as u32 + 1;
+        // Candidates and each block's side list are both sorted by worker, so one merge per block
+        // finds who extends: O(candidates + holders) per block, however many workers share a prefix.
+        out.sort_unstable_by_key(|o| o.worker);
+        for (i, &hash) in rest.iter().enumerate() {
+            let depth = i as u32 + 1;
             let Some(pos) = self.find(hash) else { break };
-            running = 0;
+            let slot = &self.slots[pos as usize];
+            let extra: &[Holder] = if slot.more == NIL { &[] } else { &self.extra_holders[slot.more as usize] };
+            let mut e = 0;
+            let mut extended = 0;
             for o in out.iter_mut().filter(|o| o.blocks == depth) {
-                if self.copies(pos, o.worker.0) > 0 {
+                let w = o.worker.0;
+                let held = slot.first.worker == w || {
+                    while e < extra.len() && extra[e].worker < w {
+                        e += 1;
+                    }
+                    e < extra.len() && extra[e].worker == w
+                };
+                if held {
                     o.blocks += 1;
-                    running += 1;
+                    extended += 1;
                 }
             }
-            if running == 0 {
+            if extended == 0 {
                 break;
             }
         }
-        let _ = running;
     }
 
     /// Size and activity figures.
@@ -236,7 +247,8 @@ impl PrefixIndex {
         if slot.more == NIL {
             return 0;
         }
-        self.extra_holders[slot.more as usize].iter().find(|h| h.worker == worker).map_or(0, |h| h.copies)
+        let list = &self.extra_holders[slot.more as usize];
+        list.binary_search_by_key(&worker, |h| h.worker).map_or(0, |i| list[i].copies)
     }
 
     fn for_each_holder(&self, pos: u32, mut f: impl FnMut(Holder)) {
@@ -291,14 +303,15 @@ impl PrefixIndex {
             };
             self.slots[pos as usize].more = more;
         }
+        // Side lists stay sorted by worker: `longest_prefix` merges against them.
         let list = &mut self.extra_holders[self.slots[pos as usize].more as usize];
-        match list.iter_mut().find(|h| h.worker == worker) {
-            Some(h) => {
-                h.copies = h.copies.saturating_add(1);
+        match list.binary_search_by_key(&worker, |h| h.worker) {
+            Ok(i) => {
+                list[i].copies = list[i].copies.saturating_add(1);
                 false
             }
-            None => {
-                list.push(Holder { worker, copies: 1 });
+            Err(i) => {
+                list.insert(i, Holder { worker, copies: 1 });
                 true
             }
         }
@@ -315,7 +328,7 @@ impl PrefixIndex {
         let gone = if slot.first.worker == w {
             slot.first.copies = slot.first.copies.saturating_sub(n);
             if slot.first.copies == 0 {
-                // Promote an extra holder into the inline place, if any.
+                // Promote the last side-list holder into the inline place (the list stays sorted).
                 slot.first = Holder::NONE;
                 if slot.more != NIL {
                     let more = slot.more as usize;
@@ -333,11 +346,11 @@ impl PrefixIndex {
         } else if slot.more != NIL {
             let more = slot.more as usize;
             let list = &mut self.extra_holders[more];
-            match list.iter().position(|h| h.worker == w) {
+            match list.binary_search_by_key(&w, |h| h.worker).ok() {
                 Some(i) => {
                     list[i].copies = list[i].copies.saturating_sub(n);
                     if list[i].copies == 0 {
-                        list.swap_remove(i);
+                        list.remove(i);
                         if list.is_empty() {
                             self.release_extra(pos);
                         }
@@ -617,6 +630,9 @@ mod tests {
         assert!((24.0..80.0).contains(&per_block), "bytes per block {per_block}");
     }
 
+    /// Workers in the property tests: enough that blocks get long side lists of holders.
+    const PT_WORKERS: u16 = 10;
+
     #[derive(Clone, Debug)]
     enum Op {
         Store(u16, Vec<u8>),
@@ -626,9 +642,9 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0u16..4, proptest::collection::vec(0u8..24, 1..6)).prop_map(|(w, v)| Op::Store(w, v)),
-            3 => (0u16..4, proptest::collection::vec(0u8..24, 1..4)).prop_map(|(w, v)| Op::Remove(w, v)),
-            1 => (0u16..4).prop_map(Op::Clear),
+            4 => (0u16..PT_WORKERS, proptest::collection::vec(0u8..24, 1..6)).prop_map(|(w, v)| Op::Store(w, v)),
+            3 => (0u16..PT_WORKERS, proptest::collection::vec(0u8..24, 1..4)).prop_map(|(w, v)| Op::Remove(w, v)),
+            1 => (0u16..PT_WORKERS).prop_map(Op::Clear),
         ]
     }
 
@@ -659,7 +675,7 @@ mod tests {
                     }
                 }
             }
-            for w in 0..4u16 {
+            for w in 0..PT_WORKERS {
                 let n = model.keys().filter(|(mw, _)| *mw == w).count() as u64;
                 prop_assert_eq!(idx.worker_blocks(WorkerSlot(w)), n);
                 for x in 0..24u64 {
@@ -685,13 +701,13 @@ mod tests {
                 prop_assert!(idx.len() <= cap);
             }
             let mut placements = 0;
-            for w in 0..4u16 {
+            for w in 0..PT_WORKERS {
                 let held = (0..24u64).filter(|&x| idx.holds(WorkerSlot(w), BlockHash(x))).count() as u64;
                 prop_assert_eq!(idx.worker_blocks(WorkerSlot(w)), held);
                 placements += held;
             }
             prop_assert_eq!(idx.stats().placements, placements);
-            let distinct = (0..24u64).filter(|&x| (0..4u16).any(|w| idx.holds(WorkerSlot(w), BlockHash(x)))).count();
+            let distinct = (0..24u64).filter(|&x| (0..PT_WORKERS).any(|w| idx.holds(WorkerSlot(w), BlockHash(x)))).count();
             prop_assert_eq!(idx.len(), distinct);
         }
 
@@ -708,7 +724,7 @@ mod tests {
             }
             let q: Vec<u64> = query.iter().map(|&x| x as u64).collect();
             let got = prefix(&idx, &q);
-            for w in 0..4u16 {
+            for w in 0..PT_WORKERS {
                 let want = q.iter().take_while(|&&x| idx.holds(WorkerSlot(w), BlockHash(x))).count() as u32;
                 prop_assert_eq!(got.get(&w).copied().unwrap_or(0), want);
             }

@@ -19,3 +19,8 @@ pub use fleet::{Engine, Fleet, Role, WorkerId, WorkerInfo, WorkerSlot, WorkerSta
 pub use hash::{BlockHash, BlockHasher, BlockSalt, TokenId};
 pub use index::{IndexStats, Overlap, PrefixIndex};
 pub use load::{GpuStats, WorkerLoad};
+pub use pd::{DisaggConfig, Disaggregator, LocalReason, PdDecision, PdMode};
+pub use score::{
+    CostWeights, Decision, Explanation, LoadLimits, Outcome, Policy, PolicyKind, RouteInput, RoutingConfig,
+    Scorer, SkipReason, SplitMix64,
+};

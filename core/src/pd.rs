@@ -1,1 +1,0 @@
-//! Prefill/decode decision (placeholder: being written).

@@ -1,1 +1,0 @@
-//! Scoring policies (placeholder: being written).
