@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod tokenize;
 
 /// KV-cache-aware routing for LLM inference fleets behind Envoy.
 #[derive(Parser)]
@@ -17,12 +18,15 @@ struct Cli {
 enum Command {
     /// Route a built-in multi-turn chat workload over a simulated fleet and print where it went.
     Demo(demo::DemoArgs),
+    /// Print the token ids the engine computes for text (or, with --request, an OpenAI request) on stdin.
+    Tokenize(tokenize::TokenizeArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
     };
     match result {
         Ok(code) => code,

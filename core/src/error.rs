@@ -9,6 +9,14 @@ pub enum Error {
     /// The request body could not be used.
     #[error(transparent)]
     Request(#[from] crate::request::RequestError),
+    /// A tokenizer could not be loaded or a prompt not tokenized.
+    #[cfg(feature = "tokenizer")]
+    #[error(transparent)]
+    Tokenize(#[from] crate::tokenize::TokenizeError),
+    /// A chat template could not be loaded or rendered.
+    #[cfg(feature = "tokenizer")]
+    #[error(transparent)]
+    Template(#[from] crate::template::TemplateError),
     /// The fleet table is full.
     #[error("too many workers: at most {limit} fit in one fleet table")]
     TooManyWorkers {

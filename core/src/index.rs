@@ -193,7 +193,8 @@ impl PrefixIndex {
             let depth = i as u32 + 1;
             let Some(pos) = self.find(hash) else { break };
             let slot = &self.slots[pos as usize];
-            let extra: &[Holder] = if slot.more == NIL { &[] } else { &self.extra_holders[slot.more as usize] };
+            let extra: &[Holder] =
+                if slot.more == NIL { &[] } else { &self.extra_holders[slot.more as usize] };
             let mut e = 0;
             let mut extended = 0;
             for o in out.iter_mut().filter(|o| o.blocks == depth) {

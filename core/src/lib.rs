@@ -13,6 +13,10 @@ pub mod load;
 pub mod pd;
 pub mod request;
 pub mod score;
+#[cfg(feature = "tokenizer")]
+pub mod template;
+#[cfg(feature = "tokenizer")]
+pub mod tokenize;
 
 pub use error::Error;
 pub use fleet::{Engine, Fleet, Role, WorkerId, WorkerInfo, WorkerSlot, WorkerState};
@@ -24,3 +28,5 @@ pub use score::{
     CostWeights, Decision, Explanation, LoadLimits, Outcome, Policy, PolicyKind, RouteInput, RoutingConfig,
     Scorer, SkipReason, SplitMix64,
 };
+#[cfg(feature = "tokenizer")]
+pub use tokenize::{TokenizeError, Tokenizer, TokenizerFiles};
