@@ -20,6 +20,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Print the token ids the engine computes for text (or, with --request, an OpenAI request) on stdin.
     Tokenize(tokenize::TokenizeArgs),
+    /// Run a simulated inference engine speaking vLLM's, SGLang's or TensorRT-LLM's wire formats.
+    Sim(Box<kvmesh_sim::SimArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -27,6 +29,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Sim(args) => {
+            kvmesh_sim::run(*args).map(|()| std::process::ExitCode::SUCCESS).map_err(Into::into)
+        }
     };
     match result {
         Ok(code) => code,

@@ -98,7 +98,7 @@ fn has_messages(body: &[u8]) -> bool {
 }
 
 /// Loads the tokenizer files of `dir`.
-fn load(dir: &Path) -> anyhow::Result<Tokenizer> {
+pub(crate) fn load(dir: &Path) -> anyhow::Result<Tokenizer> {
     let read = |name: &str| std::fs::read_to_string(dir.join(name));
     let json = read("tokenizer.json")
         .with_context(|| format!("cannot read {}", dir.join("tokenizer.json").display()))?;
