@@ -17,6 +17,8 @@ pub const HASH_SEED: u64 = 0x6b76_6d65_7368_0001;
 /// Parent of the first block of a sequence.
 const ROOT_PARENT: u64 = 0;
 
+/// Largest block hashed from a small stack buffer.
+const SMALL_TOKENS: usize = 64;
 /// Largest block hashed from a stack buffer; bigger blocks stream through the hasher instead.
 const STACK_TOKENS: usize = 256;
 
@@ -43,6 +45,17 @@ impl BlockSalt {
         }
     }
 
+    /// Salt of a request's whole chain: its LoRA adapter (by name) and its `cache_salt` (vLLM and
+    /// SGLang accept one per request to keep tenants' caches apart). The agent derives the same salt
+    /// from the engine's events, so both sides name the blocks alike.
+    pub fn for_request(lora: Option<&str>, cache_salt: Option<&str>) -> BlockSalt {
+        let salt = BlockSalt::lora(lora);
+        match cache_salt {
+            Some(cache_salt) => salt.with(cache_salt_part(cache_salt)),
+            None => salt,
+        }
+    }
+
     /// This salt combined with another input (a multimodal content hash, a cache salt).
     pub fn with(self, part: u64) -> BlockSalt {
         let mut bytes = [0u8; 16];
@@ -52,26 +65,41 @@ impl BlockSalt {
     }
 }
 
+/// The part a request's `cache_salt` adds to its chain's salt (through [`BlockSalt::with`]).
+pub fn cache_salt_part(cache_salt: &str) -> u64 {
+    xxh3_64_with_seed(cache_salt.as_bytes(), HASH_SEED ^ 0x7361_6c74)
+}
+
 /// Hash of one block given its parent's hash (`None` for the first block).
 pub fn hash_block(parent: Option<BlockHash>, tokens: &[TokenId], salt: BlockSalt) -> BlockHash {
     let parent = parent.map_or(ROOT_PARENT, |p| p.0);
-    if tokens.len() <= STACK_TOKENS {
-        let mut buf = [0u8; 16 + 4 * STACK_TOKENS];
-        buf[..8].copy_from_slice(&parent.to_le_bytes());
-        buf[8..16].copy_from_slice(&salt.0.to_le_bytes());
-        for (chunk, token) in buf[16..].chunks_exact_mut(4).zip(tokens) {
-            chunk.copy_from_slice(&token.to_le_bytes());
+    // The buffer is zeroed on every call: size it to common block sizes (16 and 32 tokens, 64 for
+    // MLA backends) rather than always to the largest.
+    match tokens.len() {
+        0..=SMALL_TOKENS => hash_in_buffer::<{ 16 + 4 * SMALL_TOKENS }>(parent, tokens, salt),
+        0..=STACK_TOKENS => hash_in_buffer::<{ 16 + 4 * STACK_TOKENS }>(parent, tokens, salt),
+        _ => {
+            let mut h = Xxh3::with_seed(HASH_SEED);
+            h.update(&parent.to_le_bytes());
+            h.update(&salt.0.to_le_bytes());
+            for token in tokens {
+                h.update(&token.to_le_bytes());
+            }
+            BlockHash(h.digest())
         }
-        BlockHash(xxh3_64_with_seed(&buf[..16 + 4 * tokens.len()], HASH_SEED))
-    } else {
-        let mut h = Xxh3::with_seed(HASH_SEED);
-        h.update(&parent.to_le_bytes());
-        h.update(&salt.0.to_le_bytes());
-        for token in tokens {
-            h.update(&token.to_le_bytes());
-        }
-        BlockHash(h.digest())
     }
+}
+
+/// One-shot hash of a block laid out in a stack buffer of `N` bytes (`N >= 16 + 4 * tokens.len()`).
+#[inline]
+fn hash_in_buffer<const N: usize>(parent: u64, tokens: &[TokenId], salt: BlockSalt) -> BlockHash {
+    let mut buf = [0u8; N];
+    buf[..8].copy_from_slice(&parent.to_le_bytes());
+    buf[8..16].copy_from_slice(&salt.0.to_le_bytes());
+    for (chunk, token) in buf[16..].chunks_exact_mut(4).zip(tokens) {
+        chunk.copy_from_slice(&token.to_le_bytes());
+    }
+    BlockHash(xxh3_64_with_seed(&buf[..16 + 4 * tokens.len()], HASH_SEED))
 }
 
 /// Hashes of every full block of `tokens`, appended to `out` (which is not cleared).
@@ -138,6 +166,9 @@ mod tests {
         (0..n).map(|i| i.wrapping_mul(2_654_435_761) % 151_936).collect()
     }
 
+    /// `cache_salt_part("tenant-7")`, from Python's `xxhash` (xxh3_64, seed HASH_SEED ^ 0x7361_6c74).
+    const CACHE_SALT_TENANT_7: u64 = 0xd496_e387_79f2_b3f7;
+
     #[test]
     fn pinned_vectors_do_not_change() {
         // These values name blocks in every running index: a change here breaks mixed-version fleets.
@@ -148,6 +179,17 @@ mod tests {
         assert_eq!(out, vec![BlockHash(0xa5bd_513e_1302_9e4c), BlockHash(0xd0b4_910b_ed88_d3b1)]);
         assert_eq!(hash_block(None, &[], BlockSalt::NONE), BlockHash(0x37d6_6eb1_60e0_d02a));
         assert_eq!(BlockSalt::lora(Some("sql-adapter")), BlockSalt(0xa435_1fe2_648e_9030));
+        assert_eq!(cache_salt_part("tenant-7"), CACHE_SALT_TENANT_7);
+    }
+
+    #[test]
+    fn request_salt_combines_adapter_and_cache_salt() {
+        assert_eq!(BlockSalt::for_request(None, None), BlockSalt::NONE);
+        assert_eq!(BlockSalt::for_request(Some("a"), None), BlockSalt::lora(Some("a")));
+        let salted = BlockSalt::for_request(Some("a"), Some("tenant-7"));
+        assert_eq!(salted, BlockSalt::lora(Some("a")).with(cache_salt_part("tenant-7")));
+        assert_ne!(salted, BlockSalt::for_request(Some("a"), Some("tenant-8")));
+        assert_ne!(BlockSalt::for_request(None, Some("tenant-7")), BlockSalt::NONE);
     }
 
     #[test]

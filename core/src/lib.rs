@@ -29,4 +29,6 @@ pub use score::{
     Scorer, SkipReason, SplitMix64,
 };
 #[cfg(feature = "tokenizer")]
-pub use tokenize::{TokenizeError, Tokenizer, TokenizerFiles};
+pub use tokenize::{
+    BlockWalk, Encoder, SegmentCacheConfig, SegmentCacheStats, TokenizeError, Tokenizer, TokenizerFiles,
+};

@@ -5,15 +5,16 @@
 //! The tokenizer files come from `make setup` (into `$KVMESH_TOKENIZERS`, default
 //! `/root/.cache/kvmesh/tokenizers`); a missing file fails the test, it never skips.
 //!
-//! One known difference: 0.23 normalizes with Unicode 9 NFC tables, 1.0 with Unicode 17 ones. They
-//! disagree only on text holding a character added after Unicode 9 that NFC composes, decomposes or
-//! reorders (Tulu-Tigalari, Gurung Khema, Kirat Rai, Todhri, some combining marks); only tokenizers
-//! with an NFC normalizer (Qwen) are affected. Such inputs are counted and reported, not failed;
-//! `unicode_9_nfc_differences_are_the_only_ones` pins two of them.
+//! Unicode normalization: 0.23 normalizes with Unicode 9 NFC tables, the 1.0 engine with Unicode 17
+//! ones. They disagree on text holding a character added after Unicode 9 that NFC composes,
+//! decomposes or reorders (Tulu-Tigalari, Gurung Khema, Kirat Rai, Todhri, some combining marks);
+//! only tokenizers with an NFC normalizer (Qwen) are affected. We normalize with 0.23's own tables
+//! (`core/src/tokenize/normalize.rs`), so those inputs must match too: the corpus holds dozens of
+//! them (counted and required below), `unicode_9_nfc_cases_match_0_23` pins two, and
+//! `dense_normalization_input_matches_0_23` throws thousands of short combining sequences at it.
 
 mod corpus;
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -75,28 +76,12 @@ fn reference_ids(reference: &tokenizers_ref::Tokenizer, text: &str, add_special_
     }
 }
 
-/// Characters whose NFC behaviour differs between Unicode 9 (0.23) and Unicode 17 (1.0): a
-/// different combining class or canonical decomposition, or the starter of a new decomposition.
-fn nfc_version_sensitive() -> BTreeSet<char> {
-    use unicode_normalization::char as new;
-    use unicode_normalization_alignments::char as old;
-    let decomposition = |c: char, f: fn(char, &mut dyn FnMut(char))| {
-        let mut out = Vec::new();
-        f(c, &mut |d| out.push(d));
-        out
-    };
-    let mut set = BTreeSet::new();
-    for c in (0..=0x10ffffu32).filter_map(char::from_u32) {
-        let new_d = decomposition(c, |c, f| new::decompose_canonical(c, f));
-        let old_d = decomposition(c, |c, f| old::decompose_canonical(c, f));
-        if new::canonical_combining_class(c) != old::canonical_combining_class(c) || new_d != old_d {
-            set.insert(c);
-            if let Some(&starter) = new_d.first() {
-                set.insert(starter);
-            }
-        }
-    }
-    set
+/// Whether NFC with Unicode 17 tables (the 1.0 engine's) and with Unicode 9 tables (0.23's) give
+/// different text: the inputs where matching 0.23 needs our own normalization.
+fn nfc_versions_differ(text: &str) -> bool {
+    use unicode_normalization::UnicodeNormalization as New;
+    use unicode_normalization_alignments::UnicodeNormalization as Old;
+    !New::nfc(text.chars()).eq(Old::nfc(text.chars()).map(|(c, _)| c))
 }
 
 /// Where two id lists first differ, with the text around it, for a readable failure.
@@ -112,21 +97,20 @@ fn describe(text: &str, ours: &[u32], theirs: &[u32]) -> String {
     )
 }
 
+/// Inputs of the corpus whose NFC differs between Unicode 9 and 17, at least: proof that the
+/// corpus exercises the difference (it holds 72 with the current seed).
+const MIN_UNICODE_VERSION_CASES: usize = 50;
+
 fn check_parity(model: &str) {
     let (ours, reference) = both(model);
-    let sensitive = nfc_version_sensitive();
     let mut mismatches = Vec::new();
-    let mut unicode_version_only = 0usize;
+    let mut unicode_version_cases = 0usize;
     let mut tokens = 0usize;
     for i in 0..INPUTS {
         let text = corpus::input(SEED, i);
+        unicode_version_cases += usize::from(nfc_versions_differ(&text));
         let mut compare = |what: &str, mine: Vec<u32>, theirs: Vec<u32>| {
-            if mine == theirs {
-                return;
-            }
-            if text.chars().any(|c| sensitive.contains(&c)) {
-                unicode_version_only += 1;
-            } else {
+            if mine != theirs {
                 mismatches.push(format!("input {i}{what}: {}", describe(&text, &mine, &theirs)));
             }
         };
@@ -142,8 +126,8 @@ fn check_parity(model: &str) {
         }
     }
     eprintln!(
-        "{model}: {INPUTS} inputs, {tokens} tokens, {} mismatches, {unicode_version_only} differ only by \
-         Unicode 9 vs 17 NFC",
+        "{model}: {INPUTS} inputs, {tokens} tokens, {} mismatches; {unicode_version_cases} inputs whose NFC \
+         differs between Unicode 9 and 17",
         mismatches.len()
     );
     assert!(
@@ -151,6 +135,10 @@ fn check_parity(model: &str) {
         "{model}: {} of {INPUTS} inputs differ from tokenizers 0.23:\n{}",
         mismatches.len(),
         mismatches.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
+    assert!(
+        unicode_version_cases >= MIN_UNICODE_VERSION_CASES,
+        "the corpus holds only {unicode_version_cases} inputs where Unicode 9 and 17 NFC differ"
     );
 }
 
@@ -165,20 +153,20 @@ fn llama3_1_ids_equal_tokenizers_0_23() {
 }
 
 #[test]
-fn unicode_9_nfc_differences_are_the_only_ones() {
-    // Two exact cases where 0.23 (Unicode 9 tables) and 1.0 (Unicode 17) disagree on Qwen3, because
-    // the characters are newer than Unicode 9 and 0.23 treats them as inert:
+fn unicode_9_nfc_cases_match_0_23() {
+    // Two exact cases where NFC with 0.23's Unicode 9 tables and the 1.0 engine's Unicode 17 ones
+    // disagree, because the characters are newer than Unicode 9 and 0.23 treats them as inert:
     // - U+1DF6 and U+1DF7 (combining marks, Unicode 10) have combining classes 232 and 228, so
     //   Unicode 17 NFC reorders them; 0.23 leaves them in place.
     // - U+1611E twice (Gurung Khema, Unicode 16) composes to U+16121 under Unicode 17 only.
-    // Not yet matched: doing so means normalizing with Unicode 9 tables ourselves (see issue 12).
-    // If this test starts failing because the ids agree, the difference was fixed: drop it here and
-    // stop tolerating such inputs in `check_parity`.
+    // We normalize as 0.23 does, so the ids must be 0.23's.
     let (ours, reference) = both("qwen3");
-    for text in ["a\u{1df6}\u{1df7}", "\u{1611e}\u{1611e}"] {
-        let theirs = reference_ids(reference, text, false);
+    for text in
+        ["a\u{1df6}\u{1df7}", "\u{1611e}\u{1611e}", "x a\u{1df6}\u{1df7} \u{1611e}\u{1611e}<|im_end|>"]
+    {
+        assert!(nfc_versions_differ(text), "{text:?} no longer tells the Unicode versions apart");
         let mine = ours.encode(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
-        assert_ne!(mine, theirs, "{text:?} now matches 0.23: remove the Unicode 9 exception");
+        assert_eq!(mine, reference_ids(reference, text, false), "{text:?}");
     }
     // Llama 3 has no normalizer: the same text gives the same ids.
     let (ours, reference) = both("llama3_1");
@@ -186,4 +174,46 @@ fn unicode_9_nfc_differences_are_the_only_ones() {
         let mine = ours.encode(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
         assert_eq!(mine, reference_ids(reference, text, false), "{text:?}");
     }
+}
+
+/// Short strings packed with what NFC acts on (combining marks of every class, Hangul jamo,
+/// singletons, characters newer than Unicode 9, precomposed letters) and plain letters between.
+fn dense_normalization_input(rng: &mut corpus::Rng) -> String {
+    let mut s = String::new();
+    for _ in 0..rng.range(1, 10) {
+        match rng.below(8) {
+            0 => s.push_str(rng.pick(corpus::NEWER_UNICODE)),
+            1 => s.push_str(rng.pick(corpus::NORMALIZATION)),
+            2 => s.push(char::from_u32(0x300 + rng.below(0x70) as u32).unwrap_or('\u{301}')),
+            3 => s.push(char::from_u32(0x1100 + rng.below(0x100) as u32).unwrap_or('\u{1100}')),
+            4 => s.push(rng.pick(&['a', 'e', 'o', 'A', 'ω', 'ς', 'и', 'ש', 'क', 'ก', 'か', ' '])),
+            5 => s.push(corpus::any_char(rng)),
+            6 => {
+                let marks =
+                    ['\u{1df6}', '\u{1df7}', '\u{1ac0}', '\u{1dfa}', '\u{0897}', '\u{1611e}', '\u{1611f}'];
+                s.push(rng.pick(&marks));
+            }
+            _ => s.push(
+                rng.pick(&['\u{316}', '\u{301}', '\u{323}', '\u{302}', '\u{345}', '\u{5b8}', '\u{5c1}']),
+            ),
+        }
+    }
+    s
+}
+
+#[test]
+fn dense_normalization_input_matches_0_23() {
+    let (ours, reference) = both("qwen3");
+    let mut rng = corpus::Rng::new(SEED ^ 0x004e_4643);
+    let mut differing = 0;
+    for i in 0..3_000 {
+        let text = dense_normalization_input(&mut rng);
+        differing += usize::from(nfc_versions_differ(&text));
+        let mine = ours.encode(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        let theirs = reference_ids(reference, &text, false);
+        assert_eq!(mine, theirs, "input {i}: {}", describe(&text, &mine, &theirs));
+    }
+    eprintln!("qwen3: 3000 dense normalization inputs, {differing} differ between Unicode 9 and 17 NFC");
+    // Enough of them must be cases where the Unicode version matters for this to prove anything.
+    assert!(differing >= 600, "only {differing} inputs tell Unicode 9 and 17 NFC apart");
 }

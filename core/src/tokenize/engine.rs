@@ -1,26 +1,143 @@
 //! The tokenizer engine behind our interface: HuggingFace `tokenizers` 1.0 (pinned rc).
 //!
 //! Nothing outside this file names the engine's types, so moving to 1.0 final (or to another
-//! engine) touches only this file.
+//! engine) touches only this file. We use the engine's parts (added-token matcher, normalizers,
+//! pre-tokenizer, BPE model) but run the loop that joins them ourselves, the same loop as the
+//! engine's `encode_sequence_into`, for three reasons:
+//! - Unicode normalization forms run with 0.2x's Unicode 9 tables ([`super::normalize`]);
+//! - the loop yields raw-text segments (between added tokens), which the segment cache keys on;
+//! - the model runs a few pre-tokens at a time when the caller may stop early (early exit).
 
-use tokenizers::pipeline::{EncodeOptions, Override, PipelineToken, PipelineTokenizer};
+use std::borrow::Cow;
+
+use tokenizers::pipeline::{
+    Model, Normalizer, PipelineModelScratch, PipelineNormalizer, PipelinePatternMatcher, PipelineToken,
+    PipelineTokenizer, PreTokenizer, PreTokenizerScratch, Span,
+};
 
 use super::TokenizeError;
+use super::normalize::Form;
 use crate::hash::TokenId;
 
 /// The `version` the engine's reader accepts; anything else goes through [`canonicalize`] first.
 const CANONICAL_VERSION: &str = "2.0";
 
+/// One step of the normalizer chain as we run it.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// The engine's own normalizer at this index of its chain.
+    Engine(usize),
+    /// A Unicode normalization form, with 0.2x's tables instead of the engine's.
+    Unicode9(Form),
+}
+
 /// A loaded tokenizer pipeline (normalizer, pre-tokenizer, BPE model, post-processor).
 #[derive(Clone)]
 pub(crate) struct Engine {
     inner: PipelineTokenizer,
+    steps: Box<[Step]>,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").finish_non_exhaustive()
+        f.debug_struct("Engine").field("normalizer", &self.steps).finish_non_exhaustive()
     }
+}
+
+/// Working buffers of one encoding thread: the model's word cache and the pre-tokenizer's
+/// buffers. Reused across calls, so the per-request path allocates nothing once they are warm.
+pub(crate) struct Scratch {
+    model: PipelineModelScratch,
+    split: PreTokenizerScratch,
+    spans: Vec<Span>,
+    ids: Vec<PipelineToken>,
+}
+
+/// A piece of text between added tokens, or an added token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Piece<'a> {
+    /// Text with no added token in it, starting at byte `start` of the input.
+    Text {
+        /// The text.
+        text: &'a str,
+        /// Its byte offset in the input.
+        start: usize,
+    },
+    /// An added token matched in the input, ending at byte `end` (after any stripped space).
+    Added {
+        /// Its id.
+        id: TokenId,
+        /// Byte offset just after the match.
+        end: usize,
+    },
+}
+
+/// Splits text at added tokens, as the engine's `SpecialSegmentIterator` does, but with offsets.
+pub(crate) struct Pieces<'a> {
+    engine: &'a Engine,
+    text: &'a str,
+    offset: usize,
+    normalized: bool,
+    pending: Option<(TokenId, usize)>,
+}
+
+impl<'a> Iterator for Pieces<'a> {
+    type Item = Piece<'a>;
+
+    fn next(&mut self) -> Option<Piece<'a>> {
+        if let Some((id, end)) = self.pending.take() {
+            return Some(Piece::Added { id, end });
+        }
+        if self.offset >= self.text.len() {
+            return None;
+        }
+        let start = self.offset;
+        let found = self.engine.inner.get_added_vocabulary().extract_next(
+            self.text.as_bytes(),
+            start,
+            self.normalized,
+            false,
+        );
+        match found {
+            // A match must lie inside what is left and on char boundaries; anything else would
+            // be an engine bug, and we treat the rest as plain text rather than panic.
+            Some(((from, to), id)) if start <= from && from <= to && to <= self.text.len() && to > start => {
+                match self.text.get(start..from) {
+                    Some(before) => {
+                        self.offset = to;
+                        if before.is_empty() {
+                            Some(Piece::Added { id, end: to })
+                        } else {
+                            self.pending = Some((id, to));
+                            Some(Piece::Text { text: before, start })
+                        }
+                    }
+                    None => self.rest(start),
+                }
+            }
+            _ => self.rest(start),
+        }
+    }
+}
+
+impl<'a> Pieces<'a> {
+    fn rest(&mut self, start: usize) -> Option<Piece<'a>> {
+        self.offset = self.text.len();
+        self.text.get(start..).map(|text| Piece::Text { text, start })
+    }
+}
+
+/// How far [`Engine::encode_text`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// Every id of the text went to the sink.
+    Complete,
+    /// The sink asked to stop; roughly this many leading bytes of the text were encoded (exact
+    /// when normalization left the text as it was).
+    Stopped {
+        /// Bytes of the raw text whose ids went to the sink, at a char boundary.
+        consumed: usize,
+    },
 }
 
 /// Rewrites a `tokenizer.json` as HuggingFace ships it (`"version": "1.0"`) into the canonical
@@ -48,6 +165,15 @@ fn is_canonical(tokenizer_json: &str) -> bool {
     rest.trim_start().starts_with(&format!("\"{CANONICAL_VERSION}\""))
 }
 
+/// The largest char boundary of `text` at or below `at`.
+fn floor_boundary(text: &str, at: usize) -> usize {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
 impl Engine {
     /// Loads a `tokenizer.json`, canonical (`2.0`) or as HuggingFace ships it (converted here).
     pub(crate) fn from_json(tokenizer_json: &str) -> Result<Self, TokenizeError> {
@@ -60,49 +186,132 @@ impl Engine {
         };
         let inner = tokenizers::from_json(canonical)
             .map_err(|e| TokenizeError::Unsupported { file: "tokenizer.json", what: e.to_string() })?;
-        Ok(Engine { inner })
+        Ok(Self::from_pipeline(inner))
     }
 
-    /// Appends the ids of `text` to `out`. Special-token strings in the text become their ids (as
-    /// HF does by default); `add_special_tokens` runs the post-processor (BOS for Llama 3).
-    pub(crate) fn encode_into(
+    fn from_pipeline(inner: PipelineTokenizer) -> Self {
+        let steps = inner
+            .get_normalizers()
+            .iter()
+            .enumerate()
+            .map(|(i, n)| match n {
+                PipelineNormalizer::NFC(_) => Step::Unicode9(Form::Nfc),
+                PipelineNormalizer::NFD(_) => Step::Unicode9(Form::Nfd),
+                PipelineNormalizer::NFKC(_) => Step::Unicode9(Form::Nfkc),
+                PipelineNormalizer::NFKD(_) => Step::Unicode9(Form::Nfkd),
+                _ => Step::Engine(i),
+            })
+            .collect();
+        Engine { inner, steps }
+    }
+
+    /// Fresh working buffers for this engine (the model's word cache is allocated here).
+    pub(crate) fn scratch(&self) -> Scratch {
+        Scratch {
+            model: self.inner.get_model().init_scratch(),
+            split: PreTokenizerScratch::default(),
+            spans: Vec::new(),
+            ids: Vec::new(),
+        }
+    }
+
+    /// Ids the post-processor adds before and after a single sequence (`add_special_tokens`).
+    pub(crate) fn post_processor_specials(&self) -> (Vec<TokenId>, Vec<TokenId>) {
+        let single = &self.inner.get_post_processor().single;
+        let ids = |run: &[(PipelineToken, u8)]| run.iter().map(|(t, _)| t.id()).collect();
+        (ids(&single.prefix), ids(&single.suffix))
+    }
+
+    /// `text` split at the added tokens matched on raw text (the first pass of the engine).
+    pub(crate) fn pieces<'a>(&'a self, text: &'a str) -> Pieces<'a> {
+        Pieces { engine: self, text, offset: 0, normalized: false, pending: None }
+    }
+
+    /// `text` after the normalizer chain; `offset` is where it starts in its sequence (a
+    /// `Metaspace` normalizer acts on the first piece only).
+    fn normalize<'a>(&self, text: &'a str, offset: usize) -> Result<Cow<'a, str>, TokenizeError> {
+        let mut current = Cow::Borrowed(text);
+        for step in self.steps.iter() {
+            current = match (*step, current) {
+                (Step::Unicode9(form), Cow::Borrowed(s)) => form.apply(s),
+                (Step::Unicode9(form), Cow::Owned(s)) => match form.apply(&s) {
+                    Cow::Borrowed(_) => Cow::Owned(s),
+                    Cow::Owned(changed) => Cow::Owned(changed),
+                },
+                (Step::Engine(i), current) => {
+                    let Some(normalizer) = self.inner.get_normalizers().get(i) else { return Ok(current) };
+                    let out = normalizer
+                        .normalize(&current, offset)
+                        .map_err(|e| TokenizeError::Encode { reason: e.to_string() })?;
+                    // Handed back untouched: keep what we have (a borrow of `text` stays one).
+                    // Otherwise a part of it (`Strip`) or a rewrite; rare for byte-level BPE.
+                    let unchanged = matches!(&out, Cow::Borrowed(b)
+                        if b.as_ptr() == current.as_ptr() && b.len() == current.len());
+                    if unchanged {
+                        drop(out);
+                        current
+                    } else {
+                        Cow::Owned(out.into_owned())
+                    }
+                }
+            };
+        }
+        Ok(current)
+    }
+
+    /// Encodes one piece of raw text (a [`Piece::Text`]) and hands its ids to `sink`, in order,
+    /// at most `batch` pre-tokens at a time (`usize::MAX`: all at once, the fastest). `sink`
+    /// returns `false` to stop; the ids it was given stay given.
+    pub(crate) fn encode_text(
         &self,
         text: &str,
-        add_special_tokens: bool,
-        out: &mut Vec<TokenId>,
-    ) -> Result<(), TokenizeError> {
-        let options = EncodeOptions {
-            add_special_tokens,
-            encode_special_tokens: false,
-            // The engine computes on the whole prompt: a tokenizer.json's own padding or
-            // truncation settings are not what vLLM applies to a prompt.
-            padding: Override::Off,
-            truncation: Override::Off,
+        start: usize,
+        batch: usize,
+        scratch: &mut Scratch,
+        sink: &mut dyn FnMut(&[TokenId]) -> bool,
+    ) -> Result<Progress, TokenizeError> {
+        let encode_error = |e: tokenizers::Error| TokenizeError::Encode { reason: e.to_string() };
+        let normalized = self.normalize(text, start)?;
+        // Where normalization rewrote the text, a position in it maps to one in the raw text only
+        // approximately (by proportion); it only feeds the token estimate of the rest.
+        let to_raw = |at: usize| match &normalized {
+            Cow::Borrowed(_) => floor_boundary(text, at),
+            Cow::Owned(n) => floor_boundary(text, at * text.len() / n.len().max(1)),
         };
-        let mut ids: Vec<PipelineToken> = Vec::with_capacity(text.len() / 3 + 2);
-        self.inner
-            .encode_into(text, &options, &mut ids)
-            .map_err(|e| TokenizeError::Encode { reason: e.to_string() })?;
-        out.extend_from_slice(PipelineToken::cast_slice(&ids));
-        Ok(())
+        let pieces = Pieces { engine: self, text: &normalized, offset: 0, normalized: true, pending: None };
+        for piece in pieces {
+            let (chunk, chunk_start) = match piece {
+                Piece::Added { id, end } => {
+                    if !sink(&[id]) {
+                        return Ok(Progress::Stopped { consumed: to_raw(end) });
+                    }
+                    continue;
+                }
+                Piece::Text { text, start } => (text, start),
+            };
+            if chunk.len() > u32::MAX as usize {
+                return Err(TokenizeError::Encode {
+                    reason: format!("text of {} bytes is longer than the engine's limit", chunk.len()),
+                });
+            }
+            let Scratch { model, split, spans, ids } = &mut *scratch;
+            spans.clear();
+            self.inner.get_pre_tokenizer().pre_tokenize(chunk, split, spans).map_err(encode_error)?;
+            for group in spans.chunks(batch.max(1)) {
+                ids.clear();
+                self.inner.get_model().tokenize_spans(chunk, group, model, ids).map_err(encode_error)?;
+                if !sink(PipelineToken::cast_slice(ids)) {
+                    let end = group.last().map_or(0, |s| s.end as usize);
+                    return Ok(Progress::Stopped { consumed: to_raw(chunk_start + end) });
+                }
+            }
+        }
+        Ok(Progress::Complete)
     }
 
     /// Id of an added (special) token by its text.
     pub(crate) fn added_token_id(&self, token: &str) -> Option<TokenId> {
         self.inner.get_added_vocabulary().token_to_id(token)
-    }
-
-    /// Id of a token by its text: added tokens first, then a text that encodes to exactly one id.
-    pub(crate) fn token_to_id(&self, token: &str) -> Option<TokenId> {
-        if let Some(id) = self.added_token_id(token) {
-            return Some(id);
-        }
-        let mut ids = Vec::new();
-        self.encode_into(token, false, &mut ids).ok()?;
-        match ids.as_slice() {
-            [id] => Some(*id),
-            _ => None,
-        }
     }
 }
 
@@ -130,5 +339,13 @@ mod tests {
         let err = Engine::from_json(json).unwrap_err();
         // The converter lowercases the unknown type's name; either way the message names the model.
         assert!(err.to_string().to_lowercase().contains("model"), "{err}");
+    }
+
+    #[test]
+    fn floor_boundary_never_splits_a_char() {
+        let text = "aé東";
+        assert_eq!(floor_boundary(text, 2), 1);
+        assert_eq!(floor_boundary(text, 5), 3);
+        assert_eq!(floor_boundary(text, 99), text.len());
     }
 }

@@ -13,14 +13,30 @@
 //!   template(s).
 //! - `chat_template.jinja` (optional): a template shipped as its own file, which wins over the
 //!   config's default template, as in transformers.
+//!
+//! Unicode normalization runs with the Unicode 9 tables 0.2x uses, not the engine's (`normalize.rs`).
+//!
+//! The per-request path goes through an [`Encoder`] (one per thread, e.g. per filter VM): it keeps
+//! the engine's working buffers, a bounded cache of ids per text segment (the text between added
+//! tokens: a repeated system prompt or earlier turn costs a hash and a lookup), and can stop
+//! tokenizing at the first block no worker holds ([`Encoder::walk_blocks`]), estimating the rest
+//! of the prompt's length from its bytes (`estimate.rs`).
 
+mod cache;
 mod config;
+mod encoder;
 mod engine;
+mod estimate;
+mod normalize;
 
+pub use cache::{SegmentCacheConfig, SegmentCacheStats};
 pub use config::{DEFAULT_TEMPLATE_NAME, TOOL_USE_TEMPLATE_NAME, TokenizerConfig};
+pub use encoder::{BlockWalk, Encoder};
 pub use engine::canonicalize;
 
-use engine::Engine;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use engine::{Engine, Scratch};
 
 use crate::hash::TokenId;
 use crate::request::ChatRequest;
@@ -85,17 +101,6 @@ pub struct TokenizerFiles<'a> {
     pub chat_template_jinja: Option<&'a str>,
 }
 
-/// Which special tokens a completions prompt gets when the engine adds them
-/// (`add_special_tokens=True`, vLLM's default for `/v1/completions`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum SpecialsPolicy {
-    /// What `tokenizer.json`'s post-processor adds (Llama 3: BOS; Qwen: nothing).
-    PostProcessor,
-    /// transformers rebuilds the post-processor of these tokenizer classes from `add_bos_token` /
-    /// `add_eos_token` at load, so the config wins over `tokenizer.json`.
-    Explicit { bos: Option<TokenId>, eos: Option<TokenId> },
-}
-
 /// Tokenizer classes whose post-processor transformers (4.x) rebuilds from `add_bos_token` and
 /// `add_eos_token` (their `update_post_processor`), with those defaults.
 const CLASSES_WITH_CONFIGURED_SPECIALS: &[(&str, bool, bool)] = &[
@@ -107,14 +112,46 @@ const CLASSES_WITH_CONFIGURED_SPECIALS: &[(&str, bool, bool)] = &[
     ("GemmaTokenizer", true, false),
 ];
 
+/// Working buffers kept for the convenience methods ([`Tokenizer::encode`]); more threads than
+/// this encoding at once just allocate their own.
+const POOLED_SCRATCH: usize = 4;
+
+// Tokenizers are shared across threads (control plane, simulator); encoders move with their thread.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    fn movable<T: Send>() {}
+    shared::<Tokenizer>();
+    movable::<Encoder>();
+};
+
 /// A model's tokenizer: text to the exact ids the engine computes, plus what chat templates need.
-#[derive(Clone, Debug)]
+/// Cheap to clone (shared).
+#[derive(Clone)]
 pub struct Tokenizer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     engine: Engine,
     config: TokenizerConfig,
-    specials: SpecialsPolicy,
+    /// Ids a completions prompt starts with (`add_special_tokens=True`): BOS for Llama 3.
+    prompt_prefix: Vec<TokenId>,
+    /// Ids a completions prompt ends with (EOS where the config asks for it).
+    prompt_suffix: Vec<TokenId>,
     bos_id: Option<TokenId>,
     eos_id: Option<TokenId>,
+    /// Working buffers for the convenience methods, which have no [`Encoder`] to hold them.
+    pool: Mutex<Vec<Scratch>>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("engine", &self.inner.engine)
+            .field("prompt_prefix", &self.inner.prompt_prefix)
+            .field("prompt_suffix", &self.inner.prompt_suffix)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Tokenizer {
@@ -131,85 +168,120 @@ impl Tokenizer {
                 ..TokenizerConfig::default()
             },
         };
+        let mut scratch = engine.scratch();
+        let lookup_in = |token: &str, scratch: &mut Scratch| -> Option<TokenId> {
+            engine.added_token_id(token).or_else(|| single_id(&engine, token, scratch))
+        };
         for (&id, content) in &config.added_tokens {
-            if engine.added_token_id(content).is_none() && engine.token_to_id(content) != Some(id) {
+            if engine.added_token_id(content).is_none() && lookup_in(content, &mut scratch) != Some(id) {
                 return Err(TokenizeError::AddedTokenMissing { id, content: content.clone() });
             }
         }
-        let lookup = |role: &'static str, token: &Option<String>| match token {
+        let mut lookup = |role: &'static str, token: &Option<String>| match token {
             None => Ok(None),
-            Some(t) => engine
-                .token_to_id(t)
+            Some(t) => lookup_in(t, &mut scratch)
                 .map(Some)
                 .ok_or_else(|| TokenizeError::UnknownSpecialToken { role, token: t.clone() }),
         };
         let bos_id = lookup("bos_token", &config.bos_token)?;
         let eos_id = lookup("eos_token", &config.eos_token)?;
         let class = config.tokenizer_class.as_deref().unwrap_or("");
-        let specials = match CLASSES_WITH_CONFIGURED_SPECIALS.iter().find(|(c, _, _)| *c == class) {
-            Some(&(_, bos_default, eos_default)) => SpecialsPolicy::Explicit {
-                bos: bos_id.filter(|_| config.add_bos_token.unwrap_or(bos_default)),
-                eos: eos_id.filter(|_| config.add_eos_token.unwrap_or(eos_default)),
-            },
-            None => SpecialsPolicy::PostProcessor,
+        let (prompt_prefix, prompt_suffix) =
+            match CLASSES_WITH_CONFIGURED_SPECIALS.iter().find(|(c, _, _)| *c == class) {
+                Some(&(_, bos_default, eos_default)) => (
+                    bos_id.filter(|_| config.add_bos_token.unwrap_or(bos_default)).into_iter().collect(),
+                    eos_id.filter(|_| config.add_eos_token.unwrap_or(eos_default)).into_iter().collect(),
+                ),
+                None => engine.post_processor_specials(),
+            };
+        let inner = Inner {
+            engine,
+            config,
+            prompt_prefix,
+            prompt_suffix,
+            bos_id,
+            eos_id,
+            pool: Mutex::new(vec![scratch]),
         };
-        Ok(Tokenizer { engine, config, specials, bos_id, eos_id })
+        Ok(Tokenizer { inner: Arc::new(inner) })
     }
 
     /// Ids of `text`, adding no special tokens; special-token strings inside the text become their
     /// ids, as HF does (`add_special_tokens=False`, `split_special_tokens=False`). This is how vLLM
     /// tokenizes a rendered chat prompt.
     pub fn encode(&self, text: &str) -> Result<Vec<TokenId>, TokenizeError> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
         self.encode_into(text, &mut out)?;
         Ok(out)
     }
 
     /// [`Tokenizer::encode`], appending to `out` (which is not cleared).
     pub fn encode_into(&self, text: &str, out: &mut Vec<TokenId>) -> Result<(), TokenizeError> {
-        self.engine.encode_into(text, false, out)
+        self.with_scratch(|engine, scratch| encoder::encode_uncached(engine, text, scratch, out))
     }
 
     /// Ids of a completions prompt as vLLM computes them (`add_special_tokens=True`): the text's ids
     /// with the special tokens the tokenizer adds around a sequence (BOS for Llama 3, none for Qwen).
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<TokenId>, TokenizeError> {
-        let mut out = Vec::new();
-        match self.specials {
-            SpecialsPolicy::PostProcessor => self.engine.encode_into(text, true, &mut out)?,
-            SpecialsPolicy::Explicit { bos, eos } => {
-                out.extend(bos);
-                self.engine.encode_into(text, false, &mut out)?;
-                out.extend(eos);
-            }
-        }
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        out.extend_from_slice(&self.inner.prompt_prefix);
+        self.encode_into(text, &mut out)?;
+        out.extend_from_slice(&self.inner.prompt_suffix);
         Ok(out)
+    }
+
+    /// An [`Encoder`] for this tokenizer: the per-thread state of the fast path (working buffers
+    /// and a segment cache bounded by `cache`).
+    pub fn encoder(&self, cache: SegmentCacheConfig) -> Encoder {
+        Encoder::new(self.clone(), cache)
+    }
+
+    /// Runs `f` with pooled working buffers.
+    fn with_scratch<T>(&self, f: impl FnOnce(&Engine, &mut Scratch) -> T) -> T {
+        let engine = &self.inner.engine;
+        let taken = self.inner.pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let mut scratch = taken.unwrap_or_else(|| engine.scratch());
+        let out = f(engine, &mut scratch);
+        let mut pool = self.inner.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if pool.len() < POOLED_SCRATCH {
+            pool.push(scratch);
+        }
+        out
     }
 
     /// Id of a token by its text (added tokens first, then a text that is exactly one token).
     pub fn token_to_id(&self, token: &str) -> Option<TokenId> {
-        self.engine.token_to_id(token)
+        let engine = &self.inner.engine;
+        engine
+            .added_token_id(token)
+            .or_else(|| self.with_scratch(|engine, scratch| single_id(engine, token, scratch)))
     }
 
     /// The parsed `tokenizer_config.json` (empty if none was given).
     pub fn config(&self) -> &TokenizerConfig {
-        &self.config
+        &self.inner.config
     }
 
     /// Beginning-of-sequence token text and id, if the config names one.
     pub fn bos(&self) -> Option<(&str, TokenId)> {
-        self.config.bos_token.as_deref().zip(self.bos_id)
+        self.inner.config.bos_token.as_deref().zip(self.inner.bos_id)
     }
 
     /// End-of-sequence token text and id, if the config names one.
     pub fn eos(&self) -> Option<(&str, TokenId)> {
-        self.config.eos_token.as_deref().zip(self.eos_id)
+        self.inner.config.eos_token.as_deref().zip(self.inner.eos_id)
     }
 
     /// The named special tokens a chat template sees, as transformers' `special_tokens_map`.
     pub fn special_tokens(&self) -> SpecialTokens {
         SpecialTokens {
-            named: self.config.special_tokens_map().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
-            additional: self.config.additional_special_tokens.clone(),
+            named: self
+                .inner
+                .config
+                .special_tokens_map()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            additional: self.inner.config.additional_special_tokens.clone(),
         }
     }
 
@@ -223,8 +295,8 @@ impl Tokenizer {
         with_tools: bool,
     ) -> Result<ChatTemplate, TemplateError> {
         let source = match request_template {
-            Some(t) => self.config.template_named(t).unwrap_or(t),
-            None => self.config.chat_template(with_tools).ok_or(TemplateError::NoTemplate)?,
+            Some(t) => self.inner.config.template_named(t).unwrap_or(t),
+            None => self.inner.config.chat_template(with_tools).ok_or(TemplateError::NoTemplate)?,
         };
         ChatTemplate::new(source, self.special_tokens())
     }
@@ -239,5 +311,15 @@ impl Tokenizer {
     ) -> Result<Vec<TokenId>, crate::Error> {
         let text = template.render(request, options)?;
         Ok(if request.add_special_tokens { self.encode_prompt(&text)? } else { self.encode(&text)? })
+    }
+}
+
+/// The id `text` encodes to when that is exactly one id.
+fn single_id(engine: &Engine, text: &str, scratch: &mut Scratch) -> Option<TokenId> {
+    let mut ids = Vec::new();
+    encoder::encode_uncached(engine, text, scratch, &mut ids).ok()?;
+    match ids.as_slice() {
+        [id] => Some(*id),
+        _ => None,
     }
 }

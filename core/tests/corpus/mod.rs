@@ -931,3 +931,53 @@ pub fn input(seed: u64, index: usize) -> String {
     }
     s
 }
+
+/// Prose in the named scripts only (see [`SCRIPTS`]), at least `min_bytes` long: sentences
+/// joined by spaces, with a paragraph break now and then.
+pub fn script_text(rng: &mut Rng, scripts: &[&str], min_bytes: usize) -> String {
+    let chosen: Vec<_> = SCRIPTS.iter().filter(|(name, _, _)| scripts.contains(name)).collect();
+    let mut s = String::new();
+    while s.len() < min_bytes {
+        let (_, words, stop) = *chosen[rng.below(chosen.len())];
+        let spaced = !matches!(stop, "。");
+        if !s.is_empty() {
+            s.push_str(if rng.chance(1, 8) {
+                "\n\n"
+            } else if spaced {
+                " "
+            } else {
+                ""
+            });
+        }
+        for i in 0..rng.range(4, 16) {
+            if i > 0 && spaced {
+                s.push(' ');
+            }
+            s.push_str(rng.pick(words));
+            if rng.chance(1, 12) {
+                s.push_str(if spaced { "," } else { "，" });
+            }
+        }
+        s.push_str(stop);
+    }
+    s
+}
+
+/// Source code of mixed languages (see [`CODE`]), at least `min_bytes` long.
+pub fn code_text(rng: &mut Rng, min_bytes: usize) -> String {
+    let mut s = String::new();
+    while s.len() < min_bytes {
+        if !s.is_empty() {
+            s.push_str(if rng.chance(1, 4) { "\n\n" } else { "\n" });
+        }
+        s.push_str(&code(rng));
+    }
+    s
+}
+
+/// Latin-script languages of [`SCRIPTS`].
+pub const LATIN: &[&str] = &["english", "french", "german", "spanish", "vietnamese", "polish"];
+/// Other alphabets and abugidas of [`SCRIPTS`].
+pub const OTHER_SCRIPTS: &[&str] = &["russian", "ukrainian", "greek", "arabic", "hebrew", "hindi", "thai"];
+/// Chinese, Japanese and Korean.
+pub const CJK: &[&str] = &["chinese", "japanese", "korean"];

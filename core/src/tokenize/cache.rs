@@ -1,0 +1,310 @@
+//! A bounded cache of token ids per text segment.
+//!
+//! A segment is a run of raw prompt text between two added (special) tokens, exactly as the engine
+//! cuts it before normalizing: the engine encodes every such run on its own, so the ids of a prompt
+//! are the concatenation of its segments' ids and its added tokens' ids, and caching per segment
+//! can never change them. Chat templates put a special token around every turn (`<|im_start|>`,
+//! `<|eot_id|>`), so a repeated system prompt or an earlier turn is one segment: on a hit it costs
+//! a hash, a probe and a compare instead of a tokenization.
+//!
+//! Bounded by bytes and entries, evicting with CLOCK (second chance): a hit sets the entry's
+//! referenced bit, the hand clears it on its first pass and evicts on the second. The segment text
+//! is stored and compared on every hit, so a hash collision can only cost a miss, never wrong ids.
+
+use hashbrown::HashTable;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::hash::TokenId;
+
+/// Seed of the segment hash; it only has to be fixed within one process.
+const SEGMENT_SEED: u64 = 0x6b76_6d65_7368_5347;
+
+/// Bytes counted per entry beyond its text and ids: the slot, the table entry, two allocations'
+/// headers. An estimate; it keeps a cache of tiny segments from growing without bound in memory.
+const ENTRY_OVERHEAD: usize = 64;
+
+/// How big a segment cache may grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentCacheConfig {
+    /// Most bytes held: each entry's text, its ids (4 bytes each) and a fixed overhead. A segment
+    /// bigger than a quarter of this is never cached (it would push out too much).
+    pub max_bytes: usize,
+    /// Most segments held.
+    pub max_entries: usize,
+}
+
+impl SegmentCacheConfig {
+    /// No caching at all (every lookup misses).
+    pub const DISABLED: SegmentCacheConfig = SegmentCacheConfig { max_bytes: 0, max_entries: 0 };
+}
+
+impl Default for SegmentCacheConfig {
+    /// 4 MiB and 4,096 segments per encoder (per filter VM): about 128 distinct 4k-token
+    /// system prompts, or thousands of chat turns.
+    fn default() -> Self {
+        SegmentCacheConfig { max_bytes: 4 << 20, max_entries: 4096 }
+    }
+}
+
+/// What a segment cache did so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentCacheStats {
+    /// Lookups that found the segment.
+    pub hits: u64,
+    /// Lookups that did not.
+    pub misses: u64,
+    /// Segments added.
+    pub insertions: u64,
+    /// Segments dropped to make room.
+    pub evictions: u64,
+    /// Segments not added because they alone were too big.
+    pub too_large: u64,
+    /// Segments held now.
+    pub entries: usize,
+    /// Bytes held now, as counted against [`SegmentCacheConfig::max_bytes`].
+    pub bytes: usize,
+}
+
+/// One cached segment.
+struct Entry {
+    text: Box<str>,
+    ids: Box<[TokenId]>,
+    /// Whether the segment opened its prompt (a `Metaspace` normalizer treats that one apart).
+    at_start: bool,
+}
+
+impl Entry {
+    fn bytes(&self) -> usize {
+        entry_bytes(self.text.len(), self.ids.len())
+    }
+}
+
+fn entry_bytes(text: usize, ids: usize) -> usize {
+    text + ids * std::mem::size_of::<TokenId>() + ENTRY_OVERHEAD
+}
+
+struct Slot {
+    hash: u64,
+    referenced: bool,
+    entry: Option<Entry>,
+}
+
+/// Token ids by segment text; see the module documentation.
+pub(crate) struct SegmentCache {
+    config: SegmentCacheConfig,
+    /// Slot indices, by the hash of their segment.
+    table: HashTable<u32>,
+    slots: Vec<Slot>,
+    /// Empty slots, reused before the slot vector grows.
+    free: Vec<u32>,
+    /// The CLOCK hand: the next slot to consider for eviction.
+    hand: usize,
+    stats: SegmentCacheStats,
+}
+
+fn segment_hash(text: &str, at_start: bool) -> u64 {
+    xxh3_64_with_seed(text.as_bytes(), SEGMENT_SEED ^ u64::from(at_start))
+}
+
+impl SegmentCache {
+    /// An empty cache.
+    pub(crate) fn new(config: SegmentCacheConfig) -> Self {
+        SegmentCache {
+            config,
+            table: HashTable::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            hand: 0,
+            stats: SegmentCacheStats::default(),
+        }
+    }
+
+    /// Counters and current size.
+    pub(crate) fn stats(&self) -> SegmentCacheStats {
+        self.stats
+    }
+
+    /// The ids of `text`, if cached.
+    pub(crate) fn get(&mut self, text: &str, at_start: bool) -> Option<&[TokenId]> {
+        if self.config.max_entries == 0 {
+            self.stats.misses += 1;
+            return None;
+        }
+        let hash = segment_hash(text, at_start);
+        let slots = &self.slots;
+        let found = self
+            .table
+            .find(hash, |&i| {
+                let slot = &slots[i as usize];
+                slot.hash == hash
+                    && slot.entry.as_ref().is_some_and(|e| e.at_start == at_start && &*e.text == text)
+            })
+            .copied();
+        let Some(i) = found else {
+            self.stats.misses += 1;
+            return None;
+        };
+        self.stats.hits += 1;
+        let slot = &mut self.slots[i as usize];
+        slot.referenced = true;
+        slot.entry.as_ref().map(|e| &*e.ids)
+    }
+
+    /// Caches the ids of `text`, evicting as needed; a segment that alone exceeds a quarter of the
+    /// byte budget is not cached. The caller has just missed on `text`.
+    pub(crate) fn insert(&mut self, text: &str, at_start: bool, ids: &[TokenId]) {
+        if self.config.max_entries == 0 {
+            return;
+        }
+        let bytes = entry_bytes(text.len(), ids.len());
+        if bytes > self.config.max_bytes / 4 {
+            self.stats.too_large += 1;
+            return;
+        }
+        while self.stats.entries >= self.config.max_entries
+            || self.stats.bytes + bytes > self.config.max_bytes
+        {
+            if !self.evict_one() {
+                return;
+            }
+        }
+        let hash = segment_hash(text, at_start);
+        let entry = Entry { text: text.into(), ids: ids.into(), at_start };
+        // Slot indices are u32: max_entries beyond that is not a cache size anyone configures.
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => match u32::try_from(self.slots.len()) {
+                Ok(i) => {
+                    self.slots.push(Slot { hash: 0, referenced: false, entry: None });
+                    i
+                }
+                Err(_) => return,
+            },
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.hash = hash;
+        // New entries start unreferenced: a segment seen once is the first to go.
+        slot.referenced = false;
+        slot.entry = Some(entry);
+        let slots = &self.slots;
+        self.table.insert_unique(hash, index, |&i| slots[i as usize].hash);
+        self.stats.insertions += 1;
+        self.stats.entries += 1;
+        self.stats.bytes += bytes;
+    }
+
+    /// Evicts one entry (CLOCK); `false` if there is none.
+    fn evict_one(&mut self) -> bool {
+        if self.stats.entries == 0 {
+            return false;
+        }
+        // Two passes find an unreferenced entry: the first clears every referenced bit it passes.
+        for _ in 0..2 * self.slots.len() + 1 {
+            if self.hand >= self.slots.len() {
+                self.hand = 0;
+            }
+            let index = self.hand;
+            self.hand += 1;
+            let slot = &mut self.slots[index];
+            if slot.entry.is_none() {
+                continue;
+            }
+            if slot.referenced {
+                slot.referenced = false;
+                continue;
+            }
+            let hash = slot.hash;
+            let bytes = slot.entry.take().map_or(0, |e| e.bytes());
+            if let Ok(found) = self.table.find_entry(hash, |&i| i as usize == index) {
+                found.remove();
+            }
+            // `index` came from a u32 slot number.
+            self.free.push(index as u32);
+            self.stats.entries -= 1;
+            self.stats.bytes -= bytes;
+            self.stats.evictions += 1;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max_bytes: usize, max_entries: usize) -> SegmentCacheConfig {
+        SegmentCacheConfig { max_bytes, max_entries }
+    }
+
+    #[test]
+    fn hit_returns_what_was_inserted() {
+        let mut cache = SegmentCache::new(SegmentCacheConfig::default());
+        assert_eq!(cache.get("system prompt", false), None);
+        cache.insert("system prompt", false, &[1, 2, 3]);
+        assert_eq!(cache.get("system prompt", false), Some(&[1, 2, 3][..]));
+        // The start-of-prompt flag is part of the key.
+        assert_eq!(cache.get("system prompt", true), None);
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses, stats.insertions, stats.entries), (1, 2, 1, 1));
+        assert_eq!(stats.bytes, entry_bytes(13, 3));
+    }
+
+    #[test]
+    fn entry_bound_evicts_the_unreferenced_first() {
+        let mut cache = SegmentCache::new(config(1 << 20, 3));
+        for (i, text) in ["a", "b", "c"].iter().enumerate() {
+            cache.insert(text, false, &[i as u32]);
+        }
+        // `a` and `c` are used again; `b` is not, so it is the one to go.
+        assert!(cache.get("a", false).is_some());
+        assert!(cache.get("c", false).is_some());
+        cache.insert("d", false, &[3]);
+        assert_eq!(cache.stats().entries, 3);
+        assert_eq!(cache.stats().evictions, 1);
+        assert!(cache.get("b", false).is_none());
+        for text in ["a", "c", "d"] {
+            assert!(cache.get(text, false).is_some(), "{text}");
+        }
+    }
+
+    #[test]
+    fn byte_bound_holds() {
+        let budget = 4 * entry_bytes(100, 25);
+        let mut cache = SegmentCache::new(config(budget, 1000));
+        for i in 0..50u32 {
+            let text = format!("{i:0>100}");
+            cache.insert(&text, false, &[i; 25]);
+            assert!(cache.stats().bytes <= budget);
+        }
+        assert_eq!(cache.stats().entries, 4);
+        // The most recent segments are the ones left, with their own ids.
+        assert_eq!(cache.get(&format!("{:0>100}", 49), false), Some(&[49u32; 25][..]));
+    }
+
+    #[test]
+    fn oversized_segment_is_not_cached() {
+        let mut cache = SegmentCache::new(config(1000, 10));
+        cache.insert(&"x".repeat(300), false, &[1; 10]);
+        assert_eq!(cache.stats().too_large, 1);
+        assert_eq!(cache.stats().entries, 0);
+    }
+
+    #[test]
+    fn disabled_cache_holds_nothing() {
+        let mut cache = SegmentCache::new(SegmentCacheConfig::DISABLED);
+        cache.insert("a", false, &[1]);
+        assert_eq!(cache.get("a", false), None);
+        assert_eq!(cache.stats().entries, 0);
+    }
+
+    #[test]
+    fn slots_are_reused_after_eviction() {
+        let mut cache = SegmentCache::new(config(1 << 20, 2));
+        for i in 0..100u32 {
+            cache.insert(&i.to_string(), false, &[i]);
+        }
+        assert_eq!(cache.slots.len(), 2);
+        assert_eq!(cache.get("99", false), Some(&[99u32][..]));
+    }
+}

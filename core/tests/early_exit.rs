@@ -1,0 +1,227 @@
+//! Early exit (`Encoder::walk_blocks`): block hashes exactly as far as some worker holds the
+//! prompt, the rest of the prompt's length estimated from its bytes; and the estimate's error,
+//! measured per script on generated text (the figures the README quotes).
+
+mod corpus;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use kvmesh_core::hash::hash_prompt;
+use kvmesh_core::tokenize::SegmentCacheConfig;
+use kvmesh_core::{BlockHash, BlockSalt, Tokenizer, TokenizerFiles};
+
+/// GPU engines' default block size.
+const BLOCK: usize = 16;
+
+fn load(model: &str) -> Tokenizer {
+    let dir = std::env::var_os("KVMESH_TOKENIZERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root/.cache/kvmesh/tokenizers"))
+        .join(model);
+    let read = |file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}; run `make setup`", dir.join(file).display()))
+    };
+    let (json, config) = (read("tokenizer.json"), read("tokenizer_config.json"));
+    Tokenizer::from_files(TokenizerFiles {
+        tokenizer_json: &json,
+        tokenizer_config_json: Some(&config),
+        chat_template_jinja: None,
+    })
+    .unwrap_or_else(|e| panic!("{model}: {e}"))
+}
+
+fn tokenizer(model: &str) -> &'static Tokenizer {
+    static QWEN3: OnceLock<Tokenizer> = OnceLock::new();
+    static LLAMA3_1: OnceLock<Tokenizer> = OnceLock::new();
+    match model {
+        "qwen3" => QWEN3.get_or_init(|| load(model)),
+        _ => LLAMA3_1.get_or_init(|| load(model)),
+    }
+}
+
+/// Seed of the corpus, as in the parity test.
+const SEED: u64 = 0x6b76_6d65_7368_0012;
+
+fn block_hashes(tokens: &[u32]) -> Vec<BlockHash> {
+    let mut hashes = Vec::new();
+    hash_prompt(tokens, BLOCK, BlockSalt::NONE, &mut hashes);
+    hashes
+}
+
+#[test]
+fn walk_with_every_block_held_is_the_full_encoding() {
+    for model in ["qwen3", "llama3_1"] {
+        let tokenizer = tokenizer(model);
+        let mut encoder = tokenizer.encoder(SegmentCacheConfig::default());
+        for i in 0..600 {
+            let text = corpus::input(SEED, i);
+            let add_special_tokens = i % 2 == 0;
+            let truth =
+                if add_special_tokens { tokenizer.encode_prompt(&text) } else { tokenizer.encode(&text) }
+                    .unwrap_or_else(|e| panic!("{model}: input {i}: {e}"));
+            let walk = encoder
+                .walk_blocks(&text, add_special_tokens, BLOCK, BlockSalt::NONE, |_| true)
+                .unwrap_or_else(|e| panic!("{model}: input {i}: {e}"));
+            assert_eq!(walk.tokens, &truth[..], "{model}: input {i}");
+            assert_eq!(walk.hashes, &block_hashes(&truth)[..], "{model}: input {i}");
+            assert_eq!(
+                (walk.first_miss, walk.exact, walk.total_tokens),
+                (None, true, truth.len()),
+                "{model}: {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn walk_stops_at_the_first_block_nobody_holds() {
+    for model in ["qwen3", "llama3_1"] {
+        let tokenizer = tokenizer(model);
+        let mut encoder = tokenizer.encoder(SegmentCacheConfig::default());
+        let mut rng = corpus::Rng::new(SEED ^ 0x4558_4954);
+        let mut checked = 0;
+        for i in 0..1_500 {
+            let text = corpus::input(SEED, i);
+            let truth = tokenizer.encode(&text).unwrap_or_else(|e| panic!("{model}: input {i}: {e}"));
+            let hashes = block_hashes(&truth);
+            if hashes.len() < 2 {
+                continue;
+            }
+            checked += 1;
+            // Workers hold the first `k` blocks (and some unrelated later one, which must not
+            // matter: a prefix ends at its first gap).
+            let k = rng.below(hashes.len());
+            let mut held: HashSet<BlockHash> = hashes[..k].iter().copied().collect();
+            held.insert(hashes[hashes.len() - 1]);
+            held.remove(&hashes[k]);
+            // Twice: the second walk finds the segments the first cached, with the same result.
+            for round in 0..2 {
+                let walk = encoder
+                    .walk_blocks(&text, false, BLOCK, BlockSalt::NONE, |h| held.contains(&h))
+                    .unwrap_or_else(|e| panic!("{model}: input {i}: {e}"));
+                let at = format!("{model}: input {i}, round {round}, miss at block {k}");
+                assert_eq!(walk.hashes, &hashes[..=k], "{at}");
+                assert_eq!(walk.first_miss, Some(k), "{at}");
+                assert!(walk.tokens.len() >= (k + 1) * BLOCK, "{at}");
+                assert_eq!(walk.tokens, &truth[..walk.tokens.len()], "{at}");
+                if walk.exact {
+                    assert_eq!((walk.tokens.len(), walk.total_tokens), (truth.len(), truth.len()), "{at}");
+                } else {
+                    assert!(walk.total_tokens >= walk.tokens.len(), "{at}");
+                }
+            }
+        }
+        assert!(checked > 300, "{model}: only {checked} inputs had two blocks");
+    }
+}
+
+#[test]
+fn walk_adds_the_prompt_specials_and_any_block_size() {
+    let tokenizer = tokenizer("llama3_1");
+    let mut encoder = tokenizer.encoder(SegmentCacheConfig::default());
+    let text = corpus::code_text(&mut corpus::Rng::new(SEED), 6_000);
+    let truth = tokenizer.encode_prompt(&text).expect("encodes");
+    // 1: every token a block; 300: past the block hasher's stack buffer.
+    for block in [1, 16, 32, 300] {
+        let walk =
+            encoder.walk_blocks(&text, true, block, BlockSalt::lora(Some("a")), |_| true).expect("walks");
+        let mut hashes = Vec::new();
+        hash_prompt(&truth, block, BlockSalt::lora(Some("a")), &mut hashes);
+        assert_eq!(walk.tokens, &truth[..], "block size {block}");
+        assert_eq!(walk.hashes, &hashes[..], "block size {block}");
+        // Nothing held: one block hashed, the rest estimated. (Without a cache: the text is one
+        // segment, which a warm cache would hand over whole, exact.)
+        let mut cold = tokenizer.encoder(SegmentCacheConfig::DISABLED);
+        let walk = cold.walk_blocks(&text, true, block, BlockSalt::NONE, |_| false).expect("walks");
+        assert_eq!(
+            (walk.hashes.len(), walk.first_miss, walk.exact),
+            (1, Some(0), false),
+            "block size {block}"
+        );
+        // With it, the whole segment comes from the cache at once, exact (unless the BOS block
+        // alone already missed).
+        let walk = encoder.walk_blocks(&text, true, block, BlockSalt::NONE, |_| false).expect("walks");
+        assert_eq!((walk.hashes.len(), walk.exact), (1, block > 1), "block size {block}");
+        assert_eq!(walk.tokens[0], truth[0], "BOS first");
+    }
+    // Empty text: only the specials, exact.
+    let walk = encoder.walk_blocks("", true, 16, BlockSalt::NONE, |_| false).expect("walks");
+    assert_eq!((walk.tokens, walk.exact, walk.total_tokens), (&truth[..1], true, 1));
+}
+
+/// What the estimate is measured on.
+#[derive(Clone, Copy, Debug)]
+enum Script {
+    /// Prose in Latin-script languages.
+    Latin,
+    /// Prose in Cyrillic, Greek, Arabic, Hebrew, Devanagari and Thai.
+    Other,
+    /// Chinese, Japanese and Korean prose.
+    Cjk,
+    /// Source code.
+    Code,
+}
+
+/// Relative error of the estimated total, (estimate - truth) / truth, over `samples` texts of
+/// about 4k tokens whose first `exact_blocks` blocks are held: (mean of |error|, max |error|).
+fn estimate_error(model: &str, script: Script, exact_blocks: usize, samples: usize) -> (f64, f64) {
+    let tokenizer = tokenizer(model);
+    let mut encoder = tokenizer.encoder(SegmentCacheConfig::DISABLED);
+    let mut rng = corpus::Rng::new(SEED ^ script as u64);
+    let mut errors = Vec::new();
+    for _ in 0..samples {
+        let text = match script {
+            Script::Latin => corpus::script_text(&mut rng, corpus::LATIN, 14_000),
+            Script::Other => corpus::script_text(&mut rng, corpus::OTHER_SCRIPTS, 14_000),
+            Script::Cjk => corpus::script_text(&mut rng, corpus::CJK, 14_000),
+            Script::Code => corpus::code_text(&mut rng, 14_000),
+        };
+        let truth = tokenizer.encode(&text).expect("encodes");
+        let held: HashSet<BlockHash> = block_hashes(&truth).into_iter().take(exact_blocks).collect();
+        let walk =
+            encoder.walk_blocks(&text, false, BLOCK, BlockSalt::NONE, |h| held.contains(&h)).expect("walks");
+        assert!(!walk.exact, "{model} {script:?}: the walk should have stopped early");
+        errors.push((walk.total_tokens as f64 - truth.len() as f64) / truth.len() as f64);
+    }
+    let mean = errors.iter().map(|e| e.abs()).sum::<f64>() / errors.len() as f64;
+    (mean, errors.iter().map(|e| e.abs()).fold(0.0, f64::max))
+}
+
+#[test]
+fn estimate_error_stays_within_the_documented_bounds() {
+    // The README's table. Bounds on the largest error, per script, with nothing exact (the first
+    // block misses: the estimate is all prior) and with the first 1,024 tokens exact (the
+    // correction from the exact part applies). Texts are generated from the corpus's own word
+    // lists, so these figures describe this corpus; real text differs in style, which the
+    // correction absorbs.
+    let bounds = [
+        (Script::Latin, 0.15, 0.10),
+        (Script::Other, 0.30, 0.20),
+        (Script::Cjk, 0.10, 0.06),
+        (Script::Code, 0.08, 0.06),
+    ];
+    for model in ["qwen3", "llama3_1"] {
+        for (script, bound_prior, bound_corrected) in bounds {
+            let (mean0, max0) = estimate_error(model, script, 0, 30);
+            let (mean1, max1) = estimate_error(model, script, 1_024 / BLOCK, 30);
+            eprintln!(
+                "{model} {script:?}: nothing exact: mean {:.1}% max {:.1}%; first 1k tokens exact: mean {:.1}% max {:.1}%",
+                mean0 * 100.0,
+                max0 * 100.0,
+                mean1 * 100.0,
+                max1 * 100.0
+            );
+            assert!(
+                max0 <= bound_prior,
+                "{model} {script:?}: error {max0:.3} over {bound_prior} with nothing exact"
+            );
+            assert!(
+                max1 <= bound_corrected,
+                "{model} {script:?}: error {max1:.3} over {bound_corrected} with 1k exact"
+            );
+        }
+    }
+}
