@@ -20,8 +20,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Print the token ids the engine computes for text (or, with --request, an OpenAI request) on stdin.
     Tokenize(tokenize::TokenizeArgs),
+    /// Run the control plane: NATS ingest, fleet index, gRPC state stream to filters, REST admin.
+    ControlPlane(kvmesh_control_plane::ControlPlaneArgs),
     /// Run a simulated inference engine speaking vLLM's, SGLang's or TensorRT-LLM's wire formats.
     Sim(Box<kvmesh_sim::SimArgs>),
+    /// Run the agent beside one worker: engine KV events, metrics and GPU telemetry to NATS.
+    Agent(kvmesh_agent::AgentArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,9 +33,11 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::ControlPlane(args) => kvmesh_control_plane::run(args),
         Command::Sim(args) => {
             kvmesh_sim::run(*args).map(|()| std::process::ExitCode::SUCCESS).map_err(Into::into)
         }
+        Command::Agent(args) => kvmesh_agent::main(args).map_err(Into::into),
     };
     match result {
         Ok(code) => code,
