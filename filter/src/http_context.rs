@@ -1,0 +1,223 @@
+//! The HTTP context: one per request, a small state machine (`Headers -> Body -> Routed`, or
+//! `Passed` / `Answered`) over [`Router`]. Thin host glue: every host call's Result is handled,
+//! and request headers are only written while they are paused (the SDK's trait methods panic on
+//! a host error, so only the Result-returning `hostcalls` are used here).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kvmesh_core::request::{Endpoint, openai_error_body};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, MapType};
+
+use crate::metrics::Metrics;
+use crate::router::{RejectKind, Rejected, Routed, Router};
+
+/// Response header the filter adds to every response, so tests can see the module ran.
+pub const FILTER_HEADER: &str = "x-kvmesh-filter";
+/// The value of [`FILTER_HEADER`]: this crate's version.
+pub const FILTER_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The Gateway API Inference Extension's header naming the chosen endpoint(s), `ip:port[,…]`; the
+/// cluster's override_host load-balancing policy reads it.
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+
+/// One VM's state, shared by its root context and every HTTP context (a VM is single-threaded).
+pub(crate) struct VmState {
+    /// The routing state; borrowed only inside one callback, never across host calls that re-enter.
+    pub(crate) router: RefCell<Router>,
+    /// The filter's metrics.
+    pub(crate) metrics: Metrics,
+}
+
+/// Where a request is in the filter.
+enum Phase {
+    /// Waiting for the request headers.
+    Headers,
+    /// An inference request whose body is being buffered (headers paused).
+    Body { endpoint: Endpoint },
+    /// Routed: headers forwarded, counted in flight on a worker until the stream ends.
+    Routed(Routed),
+    /// Not ours (or the filter failed open): headers forwarded untouched.
+    Passed,
+    /// Answered by the filter with a local reply.
+    Answered,
+}
+
+/// Per-request state of the kvmesh filter.
+pub(crate) struct KvmeshHttp {
+    context_id: u32,
+    state: Rc<VmState>,
+    phase: Phase,
+}
+
+impl KvmeshHttp {
+    /// A context for request `context_id` over this VM's `state`.
+    pub(crate) fn new(context_id: u32, state: Rc<VmState>) -> Self {
+        Self { context_id, state, phase: Phase::Headers }
+    }
+
+    /// Routes the buffered body and either sets the destination header and continues, or answers.
+    fn route(&mut self, endpoint: Endpoint, body: &[u8]) -> Action {
+        let started = now();
+        let unix_seconds = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let now_ms = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let result = match self.state.router.try_borrow_mut() {
+            Ok(mut router) => router.route(endpoint, body, now_ms, unix_seconds),
+            Err(_) => {
+                // Cannot happen in a single-threaded VM; fail open rather than trap.
+                log::error!(
+                    "kvmesh filter: router busy (re-entered); passing request {} through",
+                    self.context_id
+                );
+                self.phase = Phase::Passed;
+                return Action::Continue;
+            }
+        };
+        let micros = elapsed_micros(started);
+        match result {
+            Ok(routed) => {
+                self.state.metrics.routed(micros, routed.overlap_blocks);
+                // The headers are still paused here, so writing them is allowed.
+                let set = hostcalls::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    DESTINATION_HEADER,
+                    Some(&routed.destination),
+                );
+                if let Err(status) = set {
+                    // Without the header the cluster falls back to round robin: degraded, not down.
+                    log::warn!("kvmesh filter: cannot set {DESTINATION_HEADER}: {status:?}");
+                }
+                log::debug!(
+                    "kvmesh filter: request {} -> {} ({} tokens, {} blocks predicted cached, {micros} us)",
+                    self.context_id,
+                    routed.destination,
+                    routed.prompt_tokens,
+                    routed.overlap_blocks
+                );
+                self.phase = Phase::Routed(routed);
+                Action::Continue
+            }
+            Err(rejected) => {
+                self.state.metrics.rejected(rejected.kind, micros);
+                self.answer(&rejected)
+            }
+        }
+    }
+
+    /// Answers the request with a JSON error instead of forwarding it.
+    fn answer(&mut self, rejected: &Rejected) -> Action {
+        log::debug!("kvmesh filter: request {} answered {}", self.context_id, rejected.kind.status());
+        let headers = vec![("content-type", "application/json")];
+        let sent = hostcalls::send_http_response(
+            u32::from(rejected.kind.status()),
+            headers,
+            Some(rejected.body.as_bytes()),
+        );
+        match sent {
+            Ok(()) => {
+                self.phase = Phase::Answered;
+                Action::Pause
+            }
+            Err(status) => {
+                log::error!("kvmesh filter: cannot send local reply: {status:?}; passing through");
+                self.phase = Phase::Passed;
+                Action::Continue
+            }
+        }
+    }
+}
+
+/// The host's clock (Envoy's wall clock); the epoch if the host refuses, which only skews metrics.
+fn now() -> SystemTime {
+    hostcalls::get_current_time().unwrap_or(UNIX_EPOCH)
+}
+
+fn elapsed_micros(since: SystemTime) -> u64 {
+    now().duration_since(since).unwrap_or(Duration::ZERO).as_micros() as u64
+}
+
+impl Context for KvmeshHttp {}
+
+impl HttpContext for KvmeshHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if !matches!(self.phase, Phase::Headers) {
+            return Action::Continue;
+        }
+        let routes = self.state.router.try_borrow().is_ok_and(|r| r.routes_anything());
+        // A client must not pick the worker itself: only this filter writes the destination header.
+        if let Err(status) = hostcalls::set_map_value(MapType::HttpRequestHeaders, DESTINATION_HEADER, None) {
+            log::warn!("kvmesh filter: cannot remove {DESTINATION_HEADER}: {status:?}");
+        }
+        let path = match hostcalls::get_map_value(MapType::HttpRequestHeaders, ":path") {
+            Ok(path) => path,
+            Err(status) => {
+                log::warn!("kvmesh filter: cannot read :path: {status:?}");
+                None
+            }
+        };
+        let method = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":method").ok().flatten();
+        let endpoint = path
+            .as_deref()
+            .filter(|_| routes && method.as_deref() == Some("POST"))
+            .and_then(Endpoint::from_path);
+        let Some(endpoint) = endpoint else {
+            self.state.metrics.passthrough();
+            self.phase = Phase::Passed;
+            return Action::Continue;
+        };
+        if end_of_stream {
+            // No body at all: the parser answers 400 for it.
+            return self.route(endpoint, &[]);
+        }
+        self.phase = Phase::Body { endpoint };
+        // Requires `allow_on_headers_stop_iteration: true`; without it the request hangs here.
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Phase::Body { endpoint } = self.phase else { return Action::Continue };
+        let limit = self.state.router.try_borrow().map_or(usize::MAX, |r| r.max_body_bytes());
+        if body_size > limit {
+            // Refuse as soon as the buffered body is over the limit: no need to wait for the rest.
+            self.state.metrics.rejected(RejectKind::TooLarge, 0);
+            let message = format!("request body is more than the limit of {limit} bytes");
+            let body = openai_error_body(&message, "invalid_request_error", None, 413);
+            return self.answer(&Rejected { kind: RejectKind::TooLarge, body });
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(body) => body.unwrap_or_default(),
+            Err(status) => {
+                log::error!("kvmesh filter: cannot read the request body: {status:?}; passing through");
+                self.phase = Phase::Passed;
+                return Action::Continue;
+            }
+        };
+        self.route(endpoint, &body)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        // Response headers are still ours to change in this callback (they have not been forwarded).
+        if let Err(status) =
+            hostcalls::add_map_value(MapType::HttpResponseHeaders, FILTER_HEADER, FILTER_VERSION)
+        {
+            log::debug!("kvmesh filter: cannot add {FILTER_HEADER}: {status:?}");
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        // Called once when the stream ends, completed or reset: the request leaves the worker's
+        // in-flight count.
+        if let Phase::Routed(routed) = std::mem::replace(&mut self.phase, Phase::Passed) {
+            match self.state.router.try_borrow_mut() {
+                Ok(mut router) => router.finish(&routed),
+                Err(_) => log::error!("kvmesh filter: router busy at stream end; in-flight count leaks"),
+            }
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! One VM's routing state and the request pipeline over kvmesh-core: parse, render, tokenize, hash,
+//! score. No host calls here (time comes in as an argument), so it is unit-tested natively.
+//!
+//! State today: the fleet from the plugin configuration, this proxy's own past decisions (the
+//! approx-prefix policy's TTL'd predictions) and its in-flight requests per worker. The seam for the
+//! control plane's state stream is [`Router::apply_fleet`] plus [`Router::index_mut`]: a stream
+//! consumer upserts workers and feeds KV events into the index; nothing else changes.
+
+use std::collections::HashMap;
+
+use kvmesh_core::hash::{BlockSalt, hash_prompt};
+use kvmesh_core::request::{
+    Endpoint, InferenceRequest, Prompt, RequestError, RequestLimits, openai_error_body, parse_request,
+};
+use kvmesh_core::template::{ChatTemplate, RenderOptions};
+use kvmesh_core::{
+    BlockHash, Fleet, Outcome, Policy, PrefixIndex, RouteInput, Scorer, SplitMix64, TokenId, Tokenizer,
+    TokenizerFiles, WorkerInfo, WorkerSlot,
+};
+use serde_json::value::RawValue;
+
+use crate::config::{Error, FilterConfig};
+
+/// Block size assumed for a model no worker serves yet (its requests get 503 anyway).
+const DEFAULT_BLOCK_SIZE: u32 = 16;
+
+/// Blocks the fleet index holds before evicting (filled by the control plane's stream, later).
+const INDEX_MAX_BLOCKS: usize = 1 << 20;
+
+/// A served model: its tokenizer and compiled default chat template, loaded once per VM.
+struct Model {
+    tokenizer: Tokenizer,
+    /// `None` when the model ships no chat template (its chat requests get 400).
+    template: Option<ChatTemplate>,
+    block_size: u32,
+}
+
+/// Why a request was not routed, with the HTTP status it is answered with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RejectKind {
+    /// Malformed body or unrenderable chat (400).
+    BadRequest,
+    /// Body over the limit (413).
+    TooLarge,
+    /// No such model here (404).
+    UnknownModel,
+    /// No eligible worker (503).
+    NoWorker,
+    /// Every eligible worker is overloaded (429).
+    Shed,
+    /// The tokenizer failed on valid input: a bug or an unsupported model (500).
+    Internal,
+}
+
+impl RejectKind {
+    /// The HTTP status.
+    pub fn status(self) -> u16 {
+        match self {
+            RejectKind::BadRequest => 400,
+            RejectKind::TooLarge => 413,
+            RejectKind::UnknownModel => 404,
+            RejectKind::NoWorker => 503,
+            RejectKind::Shed => 429,
+            RejectKind::Internal => 500,
+        }
+    }
+}
+
+/// A request that is answered by the filter instead of a worker.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Rejected {
+    /// What went wrong.
+    pub kind: RejectKind,
+    /// The OpenAI-style JSON error body.
+    pub body: String,
+}
+
+impl Rejected {
+    fn new(kind: RejectKind, message: &str, error_type: &str) -> Rejected {
+        Rejected { kind, body: openai_error_body(message, error_type, None, kind.status()) }
+    }
+
+    fn request(err: &RequestError) -> Rejected {
+        let kind = if err.status() == 413 { RejectKind::TooLarge } else { RejectKind::BadRequest };
+        Rejected { kind, body: err.error_body() }
+    }
+}
+
+/// A routed request: where it goes and what it holds there until it completes.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Routed {
+    /// The override-host header value, `ip:port[,fallback…]`.
+    pub destination: String,
+    /// The chosen worker.
+    pub worker: WorkerSlot,
+    /// Prompt tokens in the request.
+    pub prompt_tokens: u64,
+    /// Leading blocks predicted cached on the chosen worker.
+    pub overlap_blocks: u32,
+    /// Prompt tokens the worker must prefill (counted in flight until the request ends).
+    pub prefill_tokens: u64,
+    /// Blocks the request holds (counted in flight until the request ends).
+    pub request_blocks: u64,
+}
+
+/// One VM's routing state.
+pub struct Router {
+    fleet: Fleet,
+    index: PrefixIndex,
+    policy: Policy,
+    scorer: Scorer,
+    rng: SplitMix64,
+    models: HashMap<String, Model>,
+    limits: RequestLimits,
+    /// Reused per request: the prompt's ids and block hashes.
+    tokens: Vec<TokenId>,
+    hashes: Vec<BlockHash>,
+}
+
+impl Router {
+    /// Loads every model's tokenizer and template and registers the configured workers.
+    pub fn new(config: &FilterConfig) -> Result<Router, Error> {
+        let policy = Policy::new(config.routing)
+            .map_err(|e| Error::Invalid { field: "routing".to_owned(), reason: e.to_string() })?;
+        let mut models = HashMap::with_capacity(config.models.len());
+        for m in &config.models {
+            let model_err = |source: kvmesh_core::Error| Error::Model { model: m.name.clone(), source };
+            let files = TokenizerFiles {
+                tokenizer_json: m.tokenizer.get(),
+                tokenizer_config_json: m.tokenizer_config.as_deref().map(RawValue::get),
+                chat_template_jinja: m.chat_template.as_deref(),
+            };
+            let tokenizer = Tokenizer::from_files(files).map_err(|e| model_err(e.into()))?;
+            // Compiling costs far more than rendering: once per VM, not per request.
+            let template = tokenizer.chat_template(None, false).ok();
+            let block_size = config
+                .workers
+                .iter()
+                .find(|w| w.model == m.name)
+                .map_or(DEFAULT_BLOCK_SIZE, |w| w.block_size);
+            models.insert(m.name.clone(), Model { tokenizer, template, block_size });
+        }
+        let mut router = Router {
+            fleet: Fleet::new(),
+            index: PrefixIndex::new(INDEX_MAX_BLOCKS),
+            policy,
+            scorer: Scorer::new(),
+            rng: SplitMix64::new(0x6b76_6d65_7368),
+            models,
+            limits: RequestLimits { max_body_bytes: config.max_body_bytes },
+            tokens: Vec::new(),
+            hashes: Vec::new(),
+        };
+        router.apply_fleet(config.workers.iter().cloned())?;
+        Ok(router)
+    }
+
+    /// Whether any model is configured; without one the filter passes everything through.
+    pub fn routes_anything(&self) -> bool {
+        !self.models.is_empty()
+    }
+
+    /// Models loaded.
+    pub fn model_count(&self) -> usize {
+        self.models.len()
+    }
+
+    /// Workers in the fleet.
+    pub fn worker_count(&self) -> usize {
+        self.fleet.len()
+    }
+
+    /// Longest request body routed, in bytes.
+    pub fn max_body_bytes(&self) -> usize {
+        self.limits.max_body_bytes
+    }
+
+    /// Adds or updates workers (the plugin configuration today, the state stream later).
+    pub fn apply_fleet(&mut self, workers: impl IntoIterator<Item = WorkerInfo>) -> Result<(), Error> {
+        for worker in workers {
+            let id = worker.id.to_string();
+            self.fleet
+                .upsert(worker)
+                .map_err(|e| Error::Invalid { field: format!("workers[{id}]"), reason: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// The fleet index, for the state stream's KV events (empty until that stream exists).
+    pub fn index_mut(&mut self) -> &mut PrefixIndex {
+        &mut self.index
+    }
+
+    /// Routes one request body sent to `endpoint` at `now_ms` (host clock, milliseconds), and
+    /// counts it in flight on the chosen worker; call [`Router::finish`] when it ends.
+    pub fn route(
+        &mut self,
+        endpoint: Endpoint,
+        body: &[u8],
+        now_ms: u64,
+        now_unix_seconds: i64,
+    ) -> Result<Routed, Rejected> {
+        let request = parse_request(endpoint, body, &self.limits).map_err(|e| Rejected::request(&e))?;
+        let Some(model) = self.models.get(request.model()) else {
+            let message = format!("The model `{}` does not exist.", request.model());
+            return Err(Rejected::new(RejectKind::UnknownModel, &message, "NotFoundError"));
+        };
+        self.tokens.clear();
+        tokenize(model, &request, now_unix_seconds, &mut self.tokens)?;
+        let salt = BlockSalt::for_request(None, request.cache_salt());
+        self.hashes.clear();
+        hash_prompt(&self.tokens, model.block_size as usize, salt, &mut self.hashes);
+
+        let input = RouteInput {
+            model: request.model(),
+            hashes: &self.hashes,
+            prompt_tokens: self.tokens.len() as u64,
+            expected_output_tokens: request.max_output_tokens().map(u64::from),
+            block_size: model.block_size,
+            now_ms,
+        };
+        let decision = self.scorer.route(&mut self.policy, &input, &self.fleet, &self.index, &mut self.rng);
+        let worker = match decision.outcome {
+            Outcome::Routed(worker) => worker,
+            Outcome::Shed => {
+                let message = "every worker of this model is overloaded; retry later";
+                return Err(Rejected::new(RejectKind::Shed, message, "RateLimitError"));
+            }
+            Outcome::NoWorker => {
+                let message = format!("no worker is ready for model `{}`", request.model());
+                return Err(Rejected::new(RejectKind::NoWorker, &message, "ServiceUnavailableError"));
+            }
+        };
+        let mut destination = String::with_capacity(64);
+        if !decision.write_override_host(&self.fleet, &mut destination) {
+            let message = "the chosen worker left the fleet";
+            return Err(Rejected::new(RejectKind::NoWorker, message, "ServiceUnavailableError"));
+        }
+        if let Some(entry) = self.fleet.get_mut(worker) {
+            entry.load.begin_request(decision.prefill_tokens, decision.request_blocks);
+        }
+        Ok(Routed {
+            destination,
+            worker,
+            prompt_tokens: self.tokens.len() as u64,
+            overlap_blocks: decision.overlap_blocks,
+            prefill_tokens: decision.prefill_tokens,
+            request_blocks: decision.request_blocks,
+        })
+    }
+
+    /// Ends a routed request's in-flight accounting (response complete or stream reset).
+    pub fn finish(&mut self, routed: &Routed) {
+        if let Some(entry) = self.fleet.get_mut(routed.worker) {
+            entry.load.end_request(routed.prefill_tokens, routed.request_blocks);
+        }
+    }
+}
+
+/// The ids the engine computes for `request`, appended to `out`.
+fn tokenize(
+    model: &Model,
+    request: &InferenceRequest<'_>,
+    now_unix_seconds: i64,
+    out: &mut Vec<TokenId>,
+) -> Result<(), Rejected> {
+    let internal = |e: &dyn std::fmt::Display| {
+        Rejected::new(
+            RejectKind::Internal,
+            &format!("cannot tokenize the prompt: {e}"),
+            "InternalServerError",
+        )
+    };
+    match request {
+        InferenceRequest::Chat(chat) => {
+            let bad = |e: &dyn std::fmt::Display| {
+                Rejected::new(RejectKind::BadRequest, &format!("{e}"), "invalid_request_error")
+            };
+            // A request's own template or tools pick another template: compiled per request (rare).
+            let own;
+            let template = match (&chat.chat_template, &chat.tools, &model.template) {
+                (None, None, Some(template)) => template,
+                _ => {
+                    own = model
+                        .tokenizer
+                        .chat_template(chat.chat_template.as_deref(), chat.tools.is_some())
+                        .map_err(|e| bad(&e))?;
+                    &own
+                }
+            };
+            let options = RenderOptions { now_unix_seconds: Some(now_unix_seconds), default_kwargs: None };
+            let ids = model.tokenizer.encode_chat(template, chat, &options).map_err(|e| match e {
+                kvmesh_core::Error::Template(_) | kvmesh_core::Error::Request(_) => bad(&e),
+                other => internal(&other),
+            })?;
+            out.extend_from_slice(&ids);
+        }
+        InferenceRequest::Completion(completion) => match &completion.prompt {
+            // A batch is routed as a whole, on its first prompt.
+            Prompt::Text(text) => out.extend(model.tokenizer.encode_prompt(text).map_err(|e| internal(&e))?),
+            Prompt::Texts(texts) => {
+                if let Some(text) = texts.first() {
+                    out.extend(model.tokenizer.encode_prompt(text).map_err(|e| internal(&e))?);
+                }
+            }
+            Prompt::Tokens(ids) => out.extend_from_slice(ids),
+            Prompt::TokenBatches(batches) => {
+                if let Some(ids) = batches.first() {
+                    out.extend_from_slice(ids);
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny byte-level BPE tokenizer.json: every byte is one token (enough to hash blocks).
+    fn tokenizer_json() -> String {
+        let vocab: Vec<String> = (0u8..=255)
+            .map(|b| {
+                let c = byte_char(b);
+                format!("{}:{b}", serde_json::to_string(&c.to_string()).unwrap_or_default())
+            })
+            .collect();
+        format!(
+            r#"{{"version":"1.0","added_tokens":[],"normalizer":null,
+                "pre_tokenizer":{{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true}},
+                "post_processor":null,"decoder":null,
+                "model":{{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,
+                "end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,"ignore_merges":false,
+                "vocab":{{{}}},"merges":[]}}}}"#,
+            vocab.join(",")
+        )
+    }
+
+    /// GPT-2's byte-to-unicode map.
+    fn byte_char(b: u8) -> char {
+        let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+        if printable(b) {
+            return char::from(b);
+        }
+        let offset = (0u8..b).filter(|&x| !printable(x)).count() as u32;
+        char::from_u32(256 + offset).unwrap_or('?')
+    }
+
+    fn config(workers: usize) -> FilterConfig {
+        let workers: Vec<String> = (0..workers)
+            .map(|i| {
+                format!(r#"{{"id":"w{i}","address":"127.0.0.1:{}","model":"m","block_size":4}}"#, 9000 + i)
+            })
+            .collect();
+        let json = format!(
+            r#"{{"models":[{{"name":"m","tokenizer":{},"chat_template":"{{% for m in messages %}}{{{{ m.content }}}}{{% endfor %}}"}}],
+                "workers":[{}]}}"#,
+            tokenizer_json(),
+            workers.join(",")
+        );
+        FilterConfig::from_bytes(Some(json.as_bytes())).expect("test config is valid")
+    }
+
+    fn chat(system: &str, user: &str) -> Vec<u8> {
+        serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": user}]})
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn same_prefix_sticks_to_one_worker() {
+        let mut router = Router::new(&config(4)).expect("router");
+        let system = "a long shared system prompt that spans many blocks of four bytes each";
+        let first = router.route(Endpoint::ChatCompletions, &chat(system, "one"), 0, 0).expect("routed");
+        router.finish(&first);
+        let second = router.route(Endpoint::ChatCompletions, &chat(system, "two"), 1, 0).expect("routed");
+        assert_eq!(first.worker, second.worker);
+        assert!(second.overlap_blocks > 0, "{second:?}");
+        assert!(second.destination.starts_with(&first.destination[..14]), "{second:?}");
+    }
+
+    #[test]
+    fn unknown_model_is_404() {
+        let mut router = Router::new(&config(1)).expect("router");
+        let body = br#"{"model":"nope","prompt":"hi"}"#;
+        let err = router.route(Endpoint::Completions, body, 0, 0).expect_err("rejected");
+        assert_eq!(err.kind.status(), 404);
+        assert!(err.body.contains("nope"), "{}", err.body);
+    }
+
+    #[test]
+    fn malformed_json_is_400_and_too_large_is_413() {
+        let mut router = Router::new(&config(1)).expect("router");
+        let err = router.route(Endpoint::Completions, b"{nope", 0, 0).expect_err("rejected");
+        assert_eq!(err.kind.status(), 400);
+        let big = vec![b' '; 9 << 20];
+        let err = router.route(Endpoint::Completions, &big, 0, 0).expect_err("rejected");
+        assert_eq!(err.kind.status(), 413);
+    }
+
+    #[test]
+    fn no_worker_is_503() {
+        let mut router = Router::new(&config(0)).expect("router");
+        let err = router
+            .route(Endpoint::Completions, br#"{"model":"m","prompt":"hi"}"#, 0, 0)
+            .expect_err("no worker");
+        assert_eq!(err.kind.status(), 503);
+        assert!(err.body.starts_with(r#"{"error":"#), "{}", err.body);
+    }
+}

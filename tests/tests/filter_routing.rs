@@ -1,0 +1,218 @@
+//! The filter routes inference requests inside real Envoy: 4 simulated vLLM workers (real Qwen3
+//! tokenizer), Envoy with the built filter and the override_host cluster, the fleet and tokenizer in
+//! the plugin configuration. Checks, through the engines' own `cached_tokens` and Envoy's per-host
+//! stats: a repeated prefix lands where it is cached, distinct prefixes spread, errors are JSON, and
+//! other paths pass through.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
+use kvmesh_tests::http;
+use kvmesh_tests::{Process, free_port, http_ok, tokenizer_dir};
+
+/// The model the sims serve (their default `--model`).
+const MODEL: &str = "Qwen/Qwen3-8B";
+/// Tokens per KV block on every sim (vLLM's GPU default).
+const BLOCK_SIZE: u32 = 16;
+/// The filter's body limit here: below Envoy's 1 MiB buffer limit, so the filter answers the 413.
+const MAX_BODY_BYTES: usize = 256 * 1024;
+/// The header the filter writes and the cluster's override_host policy reads.
+const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+
+/// The `kvmesh` binary (`$KVMESH_BIN`, else the debug build in the target dir).
+fn kvmesh_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("KVMESH_BIN").filter(|v| !v.is_empty()) {
+        return PathBuf::from(bin);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| kvmesh_tests::cache_dir().join("target"));
+    let bin = target.join("debug/kvmesh");
+    assert!(
+        bin.is_file(),
+        "{} not found: run `cargo build -p kvmesh-cli` (or set KVMESH_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `kvmesh sim` worker process on a free port.
+struct Sim {
+    process: Process,
+    port: u16,
+}
+
+impl Sim {
+    fn start(seed: u64) -> Sim {
+        let port = free_port();
+        let mut cmd = Command::new(kvmesh_binary());
+        cmd.args(["sim", "--engine", "vllm", "--host", "127.0.0.1"])
+            .args(["--port", &port.to_string()])
+            .arg("--tokenizer-dir")
+            .arg(tokenizer_dir("qwen3"))
+            .args(["--block-size", &BLOCK_SIZE.to_string(), "--kv-blocks", "512"])
+            .args(["--speedup", "20", "--seed", &seed.to_string()]);
+        let process = Process::spawn(&format!("sim-{port}"), cmd);
+        Sim { process, port }
+    }
+
+    fn wait_ready(&mut self) {
+        let port = self.port;
+        self.process
+            .wait_ready("GET /health answers 200", kvmesh_tests::READY_TIMEOUT, || http_ok(port, "/health"));
+    }
+}
+
+/// The plugin configuration: the 4 workers and the model with its tokenizer files embedded as JSON.
+fn plugin_config(sims: &[Sim]) -> String {
+    let dir = tokenizer_dir("qwen3");
+    let read =
+        |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
+    let workers: Vec<String> = sims
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                r#"{{"id":"sim-{i}","address":"127.0.0.1:{}","model":"{MODEL}","block_size":{BLOCK_SIZE}}}"#,
+                s.port
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"max_body_bytes":{MAX_BODY_BYTES},"models":[{{"name":"{MODEL}","tokenizer":{},"tokenizer_config":{}}}],"workers":[{}]}}"#,
+        read("tokenizer.json"),
+        read("tokenizer_config.json"),
+        workers.join(",")
+    )
+}
+
+/// A chat body: a long system prompt (the shared prefix) and a user message.
+fn chat(system: &str, user: &str) -> String {
+    format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"{user}"}}],"max_tokens":16}}"#
+    )
+}
+
+/// A system prompt of about 600 tokens whose first words are unique to `topic`.
+fn system_prompt(topic: &str) -> String {
+    let mut s = format!("{topic}: you are a careful assistant for {topic}.");
+    for i in 0..120 {
+        s.push_str(&format!(" Rule {i} about {topic} says to answer briefly."));
+    }
+    s
+}
+
+/// `usage.prompt_tokens_details.cached_tokens` of a response body.
+fn cached_tokens(body: &str) -> u64 {
+    let at = body.find("\"cached_tokens\":").unwrap_or_else(|| panic!("no cached_tokens in {body}"));
+    let digits: String = body[at + 16..].trim_start().chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap_or_else(|_| panic!("bad cached_tokens in {body}"))
+}
+
+/// Requests Envoy sent to each worker port, from the admin `/clusters` stats.
+fn requests_per_worker(envoy: &Envoy) -> HashMap<u16, u64> {
+    let resp = http::get(envoy.admin_port(), "/clusters").expect("GET /clusters");
+    let text = resp.message.body_text();
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        // workers::127.0.0.1:PORT::rq_total::N
+        let parts: Vec<&str> = line.split("::").collect();
+        if let ["workers", addr, "rq_total", n] = parts.as_slice()
+            && let (Some(port), Ok(n)) = (addr.rsplit(':').next().and_then(|p| p.parse().ok()), n.parse())
+        {
+            out.insert(port, n);
+        }
+    }
+    out
+}
+
+fn post_chat(envoy: &Envoy, body: &str) -> http::Response {
+    http::post(envoy.port(), "/v1/chat/completions", &[("content-type", "application/json")], body.as_bytes())
+        .expect("POST through Envoy")
+}
+
+#[test]
+fn filter_routes_on_cached_prefix_and_answers_errors() {
+    let mut sims: Vec<Sim> = (0..4).map(Sim::start).collect();
+    for sim in &mut sims {
+        sim.wait_ready();
+    }
+    let mut config = EnvoyConfig::new(sims.iter().map(|s| s.port).collect());
+    config.plugin_config = plugin_config(&sims);
+    config.override_host_header = DESTINATION_HEADER.to_string();
+    let envoy = Envoy::start(config);
+    let log = || envoy.process.log_text();
+
+    // (a) The same long prefix twice: the second request lands where the first left it cached.
+    let system = system_prompt("astronomy");
+    let first = post_chat(&envoy, &chat(&system, "What is a comet?"));
+    assert_eq!(first.status, 200, "{}\n{}", first.message.body_text(), log());
+    let second = post_chat(&envoy, &chat(&system, "And an asteroid?"));
+    assert_eq!(second.status, 200, "{}", second.message.body_text());
+    let cached = cached_tokens(&second.message.body_text());
+    assert!(cached >= 512, "second request found {cached} tokens cached; {}", second.message.body_text());
+
+    // (b) Distinct prefixes sent at once spread over the workers (in-flight accounting).
+    let topics = ["botany", "geology", "music", "cooking", "sailing", "chess", "poetry", "law"];
+    let before = requests_per_worker(&envoy);
+    std::thread::scope(|scope| {
+        for topic in topics {
+            let envoy = &envoy;
+            scope.spawn(move || {
+                let resp = post_chat(envoy, &chat(&system_prompt(topic), "Hello"));
+                assert_eq!(resp.status, 200, "{}", resp.message.body_text());
+            });
+        }
+    });
+    let after = requests_per_worker(&envoy);
+    let used = after.iter().filter(|(port, n)| **n > before.get(port).copied().unwrap_or(0)).count();
+    assert!(used >= 3, "8 distinct prefixes went to only {used} workers: {before:?} -> {after:?}");
+
+    // (c) Errors are JSON answers from the filter.
+    let malformed = post_chat(&envoy, "{not json");
+    assert_eq!(malformed.status, 400, "{}", malformed.message.body_text());
+    assert!(malformed.message.body_text().starts_with(r#"{"error":"#), "{}", malformed.message.body_text());
+    assert_eq!(malformed.header("content-type"), Some("application/json"));
+    let unknown = post_chat(&envoy, &chat("hi", "there").replace(MODEL, "no-such-model"));
+    assert_eq!(unknown.status, 404, "{}", unknown.message.body_text());
+    assert!(unknown.message.body_text().contains("no-such-model"));
+
+    let oversized = chat(&"x".repeat(MAX_BODY_BYTES), "hi");
+    let too_large = post_chat(&envoy, &oversized);
+    assert_eq!(too_large.status, 413, "{}", too_large.message.body_text());
+    assert!(too_large.message.body_text().starts_with(r#"{"error":"#), "{}", too_large.message.body_text());
+
+    // (d) Other paths pass through untouched (the sim answers them itself).
+    let models = http::get(envoy.port(), "/v1/models").expect("GET /v1/models");
+    assert_eq!(models.status, 200, "{}", models.message.body_text());
+    assert!(models.message.body_text().contains(MODEL));
+
+    // (e) The decisions show in Envoy's Prometheus stats.
+    let stats = http::get(envoy.admin_port(), "/stats/prometheus")
+        .expect("GET /stats/prometheus")
+        .message
+        .body_text();
+    let metric = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find(|l| l.contains(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in stats:\n{stats}"))
+    };
+    assert_eq!(metric("kvmesh_filter_decisions_routed_total"), 10);
+    assert_eq!(metric("kvmesh_filter_decisions_bad_request_total"), 1);
+    assert_eq!(metric("kvmesh_filter_decisions_unknown_model_total"), 1);
+    assert_eq!(metric("kvmesh_filter_decisions_too_large_total"), 1);
+    assert!(metric("kvmesh_filter_overlap_blocks_total") > 0);
+
+    // Shown with --nocapture: the per-VM tokenizer load time and the Prometheus names.
+    for line in log().lines().filter(|l| l.contains("kvmesh filter") && l.contains("configured")) {
+        eprintln!("{line}");
+    }
+    for line in stats.lines().filter(|l| l.contains("kvmesh_filter") && !l.starts_with('#')) {
+        eprintln!("{line}");
+    }
+}
