@@ -32,6 +32,8 @@ lint: ## Check formatting and run clippy with warnings as errors.
 
 # --no-fail-fast: one crate's failure must not hide the others' results in CI.
 test: setup wasm lint ## setup, wasm, lint, then every test (unit and integration with real Envoy and NATS).
+	@# Integration tests start the kvmesh binary (sims behind Envoy): build it first, explicitly.
+	@$(CARGO) build -p kvmesh-cli
 	@$(CARGO) test --workspace --no-fail-fast
 
 bench: ## Run the kvmesh-core benchmarks (criterion).
