@@ -19,6 +19,8 @@ const ROOT_PARENT: u64 = 0;
 
 /// Largest block hashed from a small stack buffer.
 const SMALL_TOKENS: usize = 64;
+/// Smallest block that needs the larger buffer.
+const SMALL_LIMIT: usize = SMALL_TOKENS + 1;
 /// Largest block hashed from a stack buffer; bigger blocks stream through the hasher instead.
 const STACK_TOKENS: usize = 256;
 
@@ -77,7 +79,7 @@ pub fn hash_block(parent: Option<BlockHash>, tokens: &[TokenId], salt: BlockSalt
     // MLA backends) rather than always to the largest.
     match tokens.len() {
         0..=SMALL_TOKENS => hash_in_buffer::<{ 16 + 4 * SMALL_TOKENS }>(parent, tokens, salt),
-        0..=STACK_TOKENS => hash_in_buffer::<{ 16 + 4 * STACK_TOKENS }>(parent, tokens, salt),
+        SMALL_LIMIT..=STACK_TOKENS => hash_in_buffer::<{ 16 + 4 * STACK_TOKENS }>(parent, tokens, salt),
         _ => {
             let mut h = Xxh3::with_seed(HASH_SEED);
             h.update(&parent.to_le_bytes());
