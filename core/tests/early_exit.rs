@@ -2,45 +2,19 @@
 //! prompt, the rest of the prompt's length estimated from its bytes; and the estimate's error,
 //! measured per script on generated text (the figures the README quotes).
 
+mod common;
 mod corpus;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use kvmesh_core::hash::hash_prompt;
 use kvmesh_core::tokenize::SegmentCacheConfig;
-use kvmesh_core::{BlockHash, BlockSalt, Tokenizer, TokenizerFiles};
+use kvmesh_core::{BlockHash, BlockSalt};
+
+use common::shared as tokenizer;
 
 /// GPU engines' default block size.
 const BLOCK: usize = 16;
-
-fn load(model: &str) -> Tokenizer {
-    let dir = std::env::var_os("KVMESH_TOKENIZERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root/.cache/kvmesh/tokenizers"))
-        .join(model);
-    let read = |file: &str| {
-        std::fs::read_to_string(dir.join(file))
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}; run `make setup`", dir.join(file).display()))
-    };
-    let (json, config) = (read("tokenizer.json"), read("tokenizer_config.json"));
-    Tokenizer::from_files(TokenizerFiles {
-        tokenizer_json: &json,
-        tokenizer_config_json: Some(&config),
-        chat_template_jinja: None,
-    })
-    .unwrap_or_else(|e| panic!("{model}: {e}"))
-}
-
-fn tokenizer(model: &str) -> &'static Tokenizer {
-    static QWEN3: OnceLock<Tokenizer> = OnceLock::new();
-    static LLAMA3_1: OnceLock<Tokenizer> = OnceLock::new();
-    match model {
-        "qwen3" => QWEN3.get_or_init(|| load(model)),
-        _ => LLAMA3_1.get_or_init(|| load(model)),
-    }
-}
 
 /// Seed of the corpus, as in the parity test.
 const SEED: u64 = 0x6b76_6d65_7368_0012;

@@ -3,48 +3,17 @@
 //! segment are the ids of the whole. Shown here against 0.23, then checked end to end on the
 //! parity corpus (encode through the cache = encode without).
 
+mod common;
 mod corpus;
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use kvmesh_core::tokenize::SegmentCacheConfig;
-use kvmesh_core::{Tokenizer, TokenizerFiles};
 
 /// Seed of the corpus, as in the parity test.
 const SEED: u64 = 0x6b76_6d65_7368_0012;
 
-fn tokenizer_dir(model: &str) -> PathBuf {
-    std::env::var_os("KVMESH_TOKENIZERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root/.cache/kvmesh/tokenizers"))
-        .join(model)
-}
-
-fn load(model: &str) -> Tokenizer {
-    let dir = tokenizer_dir(model);
-    let read = |file: &str| {
-        std::fs::read_to_string(dir.join(file))
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}; run `make setup`", dir.join(file).display()))
-    };
-    let (json, config) = (read("tokenizer.json"), read("tokenizer_config.json"));
-    Tokenizer::from_files(TokenizerFiles {
-        tokenizer_json: &json,
-        tokenizer_config_json: Some(&config),
-        chat_template_jinja: None,
-    })
-    .unwrap_or_else(|e| panic!("{model}: {e}"))
-}
-
-fn ours(model: &str) -> &'static Tokenizer {
-    static QWEN3: OnceLock<Tokenizer> = OnceLock::new();
-    static LLAMA3_1: OnceLock<Tokenizer> = OnceLock::new();
-    match model {
-        "qwen3" => QWEN3.get_or_init(|| load(model)),
-        "llama3_1" => LLAMA3_1.get_or_init(|| load(model)),
-        other => panic!("no tokenizer set-up named {other}"),
-    }
-}
+use common::{shared as ours, tokenizer_dir};
 
 fn reference(model: &str) -> &'static tokenizers_ref::Tokenizer {
     static QWEN3: OnceLock<tokenizers_ref::Tokenizer> = OnceLock::new();
