@@ -13,6 +13,7 @@ use kvmesh_core::request::{
     Endpoint, InferenceRequest, Prompt, RequestError, RequestLimits, openai_error_body, parse_request,
 };
 use kvmesh_core::template::{ChatTemplate, RenderOptions};
+use kvmesh_core::tokenize::{Encoder, SegmentCacheConfig};
 use kvmesh_core::{
     BlockHash, Fleet, Outcome, Policy, PrefixIndex, RouteInput, Scorer, SplitMix64, TokenId, Tokenizer,
     TokenizerFiles, WorkerInfo, WorkerSlot,
@@ -30,6 +31,9 @@ const INDEX_MAX_BLOCKS: usize = 1 << 20;
 /// A served model: its tokenizer and compiled default chat template, loaded once per VM.
 struct Model {
     tokenizer: Tokenizer,
+    /// Encodes through a per-segment id cache: a repeated system prompt or earlier chat turn costs a
+    /// lookup, not a tokenization (ids equal the uncached ones; see kvmesh-core's segment cache tests).
+    encoder: Encoder,
     /// `None` when the model ships no chat template (its chat requests get 400).
     template: Option<ChatTemplate>,
     block_size: u32,
@@ -138,7 +142,8 @@ impl Router {
                 .iter()
                 .find(|w| w.model == m.name)
                 .map_or(DEFAULT_BLOCK_SIZE, |w| w.block_size);
-            models.insert(m.name.clone(), Model { tokenizer, template, block_size });
+            let encoder = tokenizer.encoder(SegmentCacheConfig::default());
+            models.insert(m.name.clone(), Model { tokenizer, encoder, template, block_size });
         }
         let mut router = Router {
             fleet: Fleet::new(),
@@ -201,7 +206,7 @@ impl Router {
         now_unix_seconds: i64,
     ) -> Result<Routed, Rejected> {
         let request = parse_request(endpoint, body, &self.limits).map_err(|e| Rejected::request(&e))?;
-        let Some(model) = self.models.get(request.model()) else {
+        let Some(model) = self.models.get_mut(request.model()) else {
             let message = format!("The model `{}` does not exist.", request.model());
             return Err(Rejected::new(RejectKind::UnknownModel, &message, "NotFoundError"));
         };
@@ -259,7 +264,7 @@ impl Router {
 
 /// The ids the engine computes for `request`, appended to `out`.
 fn tokenize(
-    model: &Model,
+    model: &mut Model,
     request: &InferenceRequest<'_>,
     now_unix_seconds: i64,
     out: &mut Vec<TokenId>,
@@ -289,18 +294,16 @@ fn tokenize(
                 }
             };
             let options = RenderOptions { now_unix_seconds: Some(now_unix_seconds), default_kwargs: None };
-            let ids = model.tokenizer.encode_chat(template, chat, &options).map_err(|e| match e {
-                kvmesh_core::Error::Template(_) | kvmesh_core::Error::Request(_) => bad(&e),
-                other => internal(&other),
-            })?;
-            out.extend_from_slice(&ids);
+            // What `Tokenizer::encode_chat` does, but through the segment cache.
+            let text = template.render(chat, &options).map_err(|e| bad(&e))?;
+            model.encoder.encode_into(&text, chat.add_special_tokens, out).map_err(|e| internal(&e))?;
         }
         InferenceRequest::Completion(completion) => match &completion.prompt {
             // A batch is routed as a whole, on its first prompt.
-            Prompt::Text(text) => out.extend(model.tokenizer.encode_prompt(text).map_err(|e| internal(&e))?),
+            Prompt::Text(text) => model.encoder.encode_into(text, true, out).map_err(|e| internal(&e))?,
             Prompt::Texts(texts) => {
                 if let Some(text) = texts.first() {
-                    out.extend(model.tokenizer.encode_prompt(text).map_err(|e| internal(&e))?);
+                    model.encoder.encode_into(text, true, out).map_err(|e| internal(&e))?;
                 }
             }
             Prompt::Tokens(ids) => out.extend_from_slice(ids),
