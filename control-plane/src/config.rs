@@ -35,6 +35,9 @@ pub mod defaults {
     /// Updates queued per subscriber before it counts as lagging (it then resumes from the ring or
     /// gets a fresh snapshot).
     pub const STREAM_SUBSCRIBER_BUFFER: usize = 64;
+    /// An idle stream still carries a heartbeat this often, so filters can tell "nothing changed"
+    /// from "the control plane is gone" (their state TTL is several of these).
+    pub const STREAM_HEARTBEAT_MS: u64 = 1_000;
     /// How long after start the control plane waits for `resync.all` answers before it is ready.
     pub const RESYNC_STARTUP_WINDOW_MS: u64 = 2_000;
     /// How long a resync request may go unanswered before it is sent again.
@@ -164,6 +167,8 @@ pub struct StreamConfig {
     pub ring_deltas: usize,
     /// Updates queued per subscriber before it is treated as lagging.
     pub subscriber_buffer: usize,
+    /// Milliseconds between heartbeats (updates without a body) on an idle stream.
+    pub heartbeat_ms: u64,
 }
 
 impl Default for StreamConfig {
@@ -172,6 +177,7 @@ impl Default for StreamConfig {
             batch_ms: defaults::STREAM_BATCH_MS,
             ring_deltas: defaults::STREAM_RING_DELTAS,
             subscriber_buffer: defaults::STREAM_SUBSCRIBER_BUFFER,
+            heartbeat_ms: defaults::STREAM_HEARTBEAT_MS,
         }
     }
 }
@@ -299,6 +305,12 @@ impl Config {
         }
         if self.stream.ring_deltas == 0 {
             return bad("stream.ring_deltas", "must be at least 1".into());
+        }
+        if self.stream.heartbeat_ms == 0 || self.stream.heartbeat_ms > 60_000 {
+            return bad(
+                "stream.heartbeat_ms",
+                format!("must be in 1..=60000, got {}", self.stream.heartbeat_ms),
+            );
         }
         if self.stream.subscriber_buffer == 0 {
             return bad("stream.subscriber_buffer", "must be at least 1".into());

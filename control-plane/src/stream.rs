@@ -9,6 +9,10 @@
 //! - A subscriber that falls behind (its queue full for longer than the broadcast buffer) catches
 //!   up the same way: from the ring, else with a fresh snapshot.
 //!
+//! - An idle stream carries a heartbeat every `stream.heartbeat_ms`: an update with the current
+//!   epoch and version, a fresh `sent_at_ms` and no body, so a filter can tell a quiet fleet from
+//!   a lost control plane.
+//!
 //! Worker handles are assigned at registration and never reused within an epoch.
 
 use std::collections::VecDeque;
@@ -255,6 +259,10 @@ async fn serve_subscriber(
     let _guard = SubscriberGuard(plane.clone());
     let (mut epoch, mut version) = (req.epoch, req.version);
     let (mut rx, mut backlog) = begin(&plane, epoch, version);
+    let heartbeat_every = Duration::from_millis(plane.config.stream.heartbeat_ms);
+    let mut heartbeat =
+        tokio::time::interval_at(tokio::time::Instant::now() + heartbeat_every, heartbeat_every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(node = %req.node, epoch, version, snapshot = backlog.first().is_some_and(|u| matches!(u.body, Some(pb::state_update::Body::Snapshot(_)))), "subscriber joined");
     loop {
         for update in backlog.drain(..) {
@@ -263,8 +271,16 @@ async fn serve_subscriber(
                 return;
             }
             (epoch, version) = (update.epoch, update.version);
+            heartbeat.reset();
         }
         tokio::select! {
+            _ = heartbeat.tick() => {
+                let beat = pb::StateUpdate { epoch, version, sent_at_ms: unix_ms(), body: None };
+                if tx.send(Ok(beat)).await.is_err() {
+                    tracing::info!(node = %req.node, "subscriber left");
+                    return;
+                }
+            }
             received = rx.recv() => match received {
                 Ok(update) => {
                     // Updates published between `begin` and now may already be in the backlog sent.

@@ -1,53 +1,10 @@
-//! Conversions between the wire schemas (`kvmesh-proto`) and core's domain types, kept at this one
-//! edge so the rest of the crate speaks `Role`, `Engine`, `WorkerState`.
+//! The wire edge of the control plane: NATS subjects, and the wire enums' conversions to core's
+//! domain types (shared with the filter in `kvmesh_proto::convert`), so the rest of the crate speaks
+//! `Role`, `Engine`, `WorkerState`.
 
-use kvmesh_core::{Engine, Role, WorkerState};
-use kvmesh_proto::v1 as pb;
-
-/// Engine of a wire value; unknown and unspecified values read as vLLM (the schema's most common).
-pub fn engine_from_wire(value: i32) -> Engine {
-    match pb::Engine::try_from(value) {
-        Ok(pb::Engine::Sglang) => Engine::Sglang,
-        Ok(pb::Engine::Trtllm) => Engine::Trtllm,
-        _ => Engine::Vllm,
-    }
-}
-
-/// Wire value of an engine.
-pub fn engine_to_wire(engine: Engine) -> i32 {
-    (match engine {
-        Engine::Vllm => pb::Engine::Vllm,
-        Engine::Sglang => pb::Engine::Sglang,
-        Engine::Trtllm => pb::Engine::Trtllm,
-    }) as i32
-}
-
-/// Role of a wire value; unspecified (and unknown) means both, as the schema says.
-pub fn role_from_wire(value: i32) -> Role {
-    match pb::Role::try_from(value) {
-        Ok(pb::Role::Prefill) => Role::Prefill,
-        Ok(pb::Role::Decode) => Role::Decode,
-        _ => Role::Both,
-    }
-}
-
-/// Wire value of a role.
-pub fn role_to_wire(role: Role) -> i32 {
-    (match role {
-        Role::Prefill => pb::Role::Prefill,
-        Role::Decode => pb::Role::Decode,
-        Role::Both => pb::Role::Both,
-    }) as i32
-}
-
-/// Wire value of a worker state.
-pub fn state_to_wire(state: WorkerState) -> i32 {
-    (match state {
-        WorkerState::Ready => pb::WorkerState::Ready,
-        WorkerState::Cordoned => pb::WorkerState::Cordoned,
-        WorkerState::Draining => pb::WorkerState::Draining,
-    }) as i32
-}
+pub use kvmesh_proto::convert::{
+    engine_from_wire, engine_to_wire, role_from_wire, role_to_wire, state_to_wire,
+};
 
 /// Which NATS subject a message came on, by its kind token.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -148,17 +105,5 @@ mod tests {
         assert_eq!(s.kind("kvmesh.prod.kv."), None);
         assert_eq!(s.kind("kvmesh.prod.planner.x"), None);
         assert_eq!(s.all(), "kvmesh.prod.>");
-    }
-
-    #[test]
-    fn unspecified_role_is_both() {
-        assert_eq!(role_from_wire(0), Role::Both);
-        assert_eq!(role_from_wire(99), Role::Both);
-        for role in [Role::Prefill, Role::Decode, Role::Both] {
-            assert_eq!(role_from_wire(role_to_wire(role)), role);
-        }
-        for engine in [Engine::Vllm, Engine::Sglang, Engine::Trtllm] {
-            assert_eq!(engine_from_wire(engine_to_wire(engine)), engine);
-        }
     }
 }

@@ -20,12 +20,39 @@ async fn subscribe(grpc: std::net::SocketAddr, epoch: u64, version: u64) -> Stre
         .into_inner()
 }
 
+/// The next update that is not a heartbeat.
 async fn next(stream: &mut Stream) -> pb::StateUpdate {
+    loop {
+        let update = next_or_heartbeat(stream).await;
+        if update.body.is_some() {
+            return update;
+        }
+    }
+}
+
+async fn next_or_heartbeat(stream: &mut Stream) -> pb::StateUpdate {
     tokio::time::timeout(WAIT, stream.message())
         .await
         .expect("an update in time")
         .expect("stream ok")
         .expect("stream open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_stream_carries_heartbeats_at_the_current_version() {
+    let nats = nats();
+    let mut config = config(&nats, "beat");
+    config.stream.heartbeat_ms = 100;
+    let cp = start(config).await;
+    let mut stream = subscribe(cp.grpc_addr(), 0, 0).await;
+    let snapshot = next_or_heartbeat(&mut stream).await;
+    assert!(matches!(snapshot.body, Some(Body::Snapshot(_))), "{snapshot:?}");
+    for _ in 0..3 {
+        let beat = next_or_heartbeat(&mut stream).await;
+        assert!(beat.body.is_none(), "an idle stream carries only heartbeats: {beat:?}");
+        assert_eq!((beat.epoch, beat.version), (snapshot.epoch, snapshot.version));
+        assert!(beat.sent_at_ms >= snapshot.sent_at_ms);
+    }
 }
 
 /// Reads deltas, checking versions follow one another, until `worker`'s stored blocks seen so far

@@ -17,6 +17,7 @@ pub mod score;
 pub mod template;
 #[cfg(feature = "tokenizer")]
 pub mod tokenize;
+pub mod usage;
 
 pub use error::Error;
 pub use fleet::{Engine, Fleet, Role, WorkerId, WorkerInfo, WorkerSlot, WorkerState};
@@ -32,3 +33,4 @@ pub use score::{
 pub use tokenize::{
     BlockWalk, Encoder, SegmentCacheConfig, SegmentCacheStats, TokenizeError, Tokenizer, TokenizerFiles,
 };
+pub use usage::{Accuracy, Usage, UsageScanner, Verdict};

@@ -1,10 +1,16 @@
 //! The plugin configuration: JSON in the Wasm filter's `configuration` (a `StringValue`).
 //!
-//! For this slice the fleet (workers, models, tokenizer files) comes from here; the control plane's
-//! state stream replaces the `workers` list later (see `router.rs`, `Router::apply_fleet`).
+//! One module, two roles, chosen by the configuration:
+//! - the HTTP filter (one VM per Envoy worker thread) routes requests. Its fleet and models come
+//!   from `state` (the control plane's stream, relayed through shared data), from the static
+//!   `workers` / `models` lists here, or both;
+//! - the state service (a singleton `envoy.bootstrap.wasm` service with the same `vm_id`) has
+//!   `control_plane`: it holds the one gRPC stream per Envoy, fetches the models' tokenizer files,
+//!   and writes both to shared data for the HTTP filter's VMs.
 
 use kvmesh_core::request::DEFAULT_MAX_BODY_BYTES;
-use kvmesh_core::{RoutingConfig, WorkerInfo};
+use kvmesh_core::tokenize::SegmentCacheConfig;
+use kvmesh_core::{PolicyKind, RoutingConfig, WorkerInfo};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -38,23 +44,109 @@ pub enum Error {
 }
 
 /// The filter's settings. Unknown fields are rejected so a typo never silently does nothing.
-/// No `models` means the filter routes nothing: every request passes through untouched.
+/// Neither `models` nor `state` means the filter routes nothing: every request passes untouched.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
-    /// The workers requests may go to (until the control plane streams the fleet).
+    /// Static workers requests may go to, beside those the control plane streams.
     #[serde(default)]
     pub workers: Vec<WorkerInfo>,
-    /// The served models, each with its tokenizer files.
+    /// Static models, each with its tokenizer files (models the control plane serves need none).
     #[serde(default)]
     pub models: Vec<ModelConfig>,
-    /// How requests are scored; approx-prefix by default, since without the control plane's index
-    /// this proxy's own past decisions are the only cache knowledge it has.
-    #[serde(default = "default_routing")]
-    pub routing: RoutingConfig,
+    /// Follow the control plane's fleet state and model files, as the state service relays them.
+    #[serde(default)]
+    pub state: Option<StateConfig>,
+    /// Makes this instance the state service (the bootstrap singleton), not an HTTP filter.
+    #[serde(default)]
+    pub control_plane: Option<ControlPlaneConfig>,
+    /// How requests are scored (a model's policy from the control plane overrides it). Default:
+    /// kv-aware with `state`; approx-prefix without, since this proxy's own past decisions are then
+    /// the only cache knowledge it has.
+    #[serde(default)]
+    pub routing: Option<RoutingConfig>,
+    /// The per-VM cache of token ids per text segment (system prompts, earlier chat turns).
+    #[serde(default)]
+    pub segment_cache: SegmentCache,
     /// Longest request body routed, in bytes; longer ones get 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+}
+
+/// The HTTP filter's view of the control plane's state (relayed by the state service).
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// State not refreshed for this long is stale: requests are then routed on load alone (in
+    /// flight from this proxy plus the last known engine load) and counted, milliseconds.
+    #[serde(default = "defaults::state_ttl_ms")]
+    pub ttl_ms: u64,
+    /// How often each VM checks shared data for new state, milliseconds.
+    #[serde(default = "defaults::state_poll_ms")]
+    pub poll_ms: u64,
+}
+
+/// The state service's connection to the control plane.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// The Envoy cluster (HTTP/2) of the control plane's gRPC listener.
+    pub cluster: String,
+    /// The name this Envoy gives itself in the subscription (logs and metrics only).
+    #[serde(default = "defaults::node")]
+    pub node: String,
+    /// Wait before re-subscribing after the stream closed, milliseconds (doubles up to 30 s).
+    #[serde(default = "defaults::retry_ms")]
+    pub retry_ms: u64,
+    /// Timeout of a model-files request, milliseconds.
+    #[serde(default = "defaults::assets_timeout_ms")]
+    pub assets_timeout_ms: u64,
+}
+
+/// The segment id cache's size per VM.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentCache {
+    /// Most bytes held (0 turns the cache off).
+    pub max_bytes: usize,
+    /// Most segments held.
+    pub max_entries: usize,
+}
+
+impl Default for SegmentCache {
+    fn default() -> Self {
+        let d = SegmentCacheConfig::default();
+        SegmentCache { max_bytes: d.max_bytes, max_entries: d.max_entries }
+    }
+}
+
+impl SegmentCache {
+    /// The core's form.
+    pub fn to_core(self) -> SegmentCacheConfig {
+        if self.max_bytes == 0 || self.max_entries == 0 {
+            return SegmentCacheConfig::DISABLED;
+        }
+        SegmentCacheConfig { max_bytes: self.max_bytes, max_entries: self.max_entries }
+    }
+}
+
+/// Defaults in one place.
+mod defaults {
+    pub fn state_ttl_ms() -> u64 {
+        5_000
+    }
+    pub fn state_poll_ms() -> u64 {
+        20
+    }
+    pub fn node() -> String {
+        "envoy".to_owned()
+    }
+    pub fn retry_ms() -> u64 {
+        500
+    }
+    pub fn assets_timeout_ms() -> u64 {
+        30_000
+    }
 }
 
 /// One served model and its tokenizer, as the model ships the files.
@@ -72,10 +164,6 @@ pub struct ModelConfig {
     /// `chat_template.jinja`, if the model ships its template as a separate file.
     #[serde(default)]
     pub chat_template: Option<String>,
-}
-
-fn default_routing() -> RoutingConfig {
-    RoutingConfig { policy: kvmesh_core::PolicyKind::ApproxPrefix, ..RoutingConfig::default() }
 }
 
 fn default_max_body_bytes() -> usize {
@@ -97,18 +185,47 @@ impl FilterConfig {
 
     /// The configuration with nothing to route (what an empty plugin configuration means).
     fn default_routing_off() -> Self {
-        FilterConfig {
-            workers: Vec::new(),
-            models: Vec::new(),
-            routing: default_routing(),
-            max_body_bytes: default_max_body_bytes(),
-        }
+        FilterConfig { max_body_bytes: default_max_body_bytes(), ..FilterConfig::default() }
+    }
+
+    /// The routing settings in force: the configured ones, else the default for this set-up.
+    pub fn routing(&self) -> RoutingConfig {
+        self.routing.unwrap_or_else(|| {
+            let policy = if self.state.is_some() { PolicyKind::KvAware } else { PolicyKind::ApproxPrefix };
+            RoutingConfig { policy, ..RoutingConfig::default() }
+        })
+    }
+
+    /// Whether this instance is the state service rather than an HTTP filter.
+    pub fn is_state_service(&self) -> bool {
+        self.control_plane.is_some()
     }
 
     /// Checks what serde cannot: ranges and cross-references; the error names the field.
     pub fn validate(&self) -> Result<(), Error> {
         let invalid = |field: String, reason: String| Error::Invalid { field, reason };
-        self.routing.validate().map_err(|e| invalid("routing".to_owned(), e.to_string()))?;
+        self.routing().validate().map_err(|e| invalid("routing".to_owned(), e.to_string()))?;
+        if let Some(cp) = &self.control_plane {
+            if cp.cluster.is_empty() {
+                return Err(invalid("control_plane.cluster".to_owned(), "must name a cluster".to_owned()));
+            }
+            if self.state.is_some() || !self.models.is_empty() || !self.workers.is_empty() {
+                return Err(invalid(
+                    "control_plane".to_owned(),
+                    "is the state service's setting; it cannot be combined with `state`, `models` or \
+                     `workers` (those are the HTTP filter's)"
+                        .to_owned(),
+                ));
+            }
+        }
+        if let Some(state) = &self.state {
+            if state.ttl_ms == 0 {
+                return Err(invalid("state.ttl_ms".to_owned(), "must be at least 1".to_owned()));
+            }
+            if state.poll_ms == 0 || state.poll_ms > state.ttl_ms {
+                return Err(invalid("state.poll_ms".to_owned(), "must be in 1..=state.ttl_ms".to_owned()));
+            }
+        }
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes".to_owned(), "must be at least 1".to_owned()));
         }
@@ -153,7 +270,7 @@ mod tests {
         for raw in [None, Some(&b"  \n"[..]), Some(&b"{}"[..])] {
             let config = FilterConfig::from_bytes(raw).expect("accepted");
             assert!(config.models.is_empty() && config.workers.is_empty());
-            assert_eq!(config.routing.policy, kvmesh_core::PolicyKind::ApproxPrefix);
+            assert_eq!(config.routing().policy, PolicyKind::ApproxPrefix);
         }
     }
 
@@ -179,6 +296,30 @@ mod tests {
     fn worker_of_unknown_model_is_rejected() {
         let err = FilterConfig::from_bytes(Some(with_worker("other", 16).as_bytes())).expect_err("invalid");
         assert!(err.to_string().contains("workers[0].model"), "{err}");
+    }
+
+    #[test]
+    fn state_makes_kv_aware_the_default_policy() {
+        let config = FilterConfig::from_bytes(Some(br#"{"state":{}}"#)).expect("valid");
+        assert_eq!(config.routing().policy, PolicyKind::KvAware);
+        let state = config.state.expect("state");
+        assert_eq!((state.ttl_ms, state.poll_ms), (5_000, 20));
+    }
+
+    #[test]
+    fn state_service_takes_no_routing_settings() {
+        let ok = br#"{"control_plane":{"cluster":"kvmesh_control_plane"}}"#;
+        assert!(FilterConfig::from_bytes(Some(ok)).expect("valid").is_state_service());
+        let mixed = br#"{"control_plane":{"cluster":"cp"},"state":{}}"#;
+        let err = FilterConfig::from_bytes(Some(mixed)).expect_err("invalid");
+        assert!(err.to_string().contains("`control_plane`"), "{err}");
+    }
+
+    #[test]
+    fn poll_longer_than_ttl_is_rejected() {
+        let err =
+            FilterConfig::from_bytes(Some(br#"{"state":{"ttl_ms":10,"poll_ms":20}}"#)).expect_err("bad");
+        assert!(err.to_string().contains("state.poll_ms"), "{err}");
     }
 
     #[test]

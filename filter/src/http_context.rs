@@ -8,10 +8,12 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kvmesh_core::request::{Endpoint, openai_error_body};
+use kvmesh_core::usage::{Accuracy, MissingDetails, UsageScanner, engine_visible_prediction};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
+use crate::accuracy::AccuracyMetrics;
 use crate::metrics::Metrics;
 use crate::router::{RejectKind, Rejected, Routed, Router};
 
@@ -29,6 +31,8 @@ pub(crate) struct VmState {
     pub(crate) router: RefCell<Router>,
     /// The filter's metrics.
     pub(crate) metrics: Metrics,
+    /// Predicted against reported cached tokens.
+    pub(crate) accuracy: AccuracyMetrics,
 }
 
 /// Where a request is in the filter.
@@ -50,12 +54,14 @@ pub(crate) struct KvmeshHttp {
     context_id: u32,
     state: Rc<VmState>,
     phase: Phase,
+    /// Reads the engine's `usage` from a routed request's response as it passes.
+    usage: Option<UsageScanner>,
 }
 
 impl KvmeshHttp {
     /// A context for request `context_id` over this VM's `state`.
     pub(crate) fn new(context_id: u32, state: Rc<VmState>) -> Self {
-        Self { context_id, state, phase: Phase::Headers }
+        Self { context_id, state, phase: Phase::Headers, usage: None }
     }
 
     /// Routes the buffered body and either sets the destination header and continues, or answers.
@@ -71,6 +77,7 @@ impl KvmeshHttp {
                     "kvmesh filter: router busy (re-entered); passing request {} through",
                     self.context_id
                 );
+                self.state.metrics.fallback();
                 self.phase = Phase::Passed;
                 return Action::Continue;
             }
@@ -78,7 +85,7 @@ impl KvmeshHttp {
         let micros = elapsed_micros(started);
         match result {
             Ok(routed) => {
-                self.state.metrics.routed(micros, routed.overlap_blocks);
+                self.state.metrics.routed(micros, &routed);
                 // The headers are still paused here, so writing them is allowed.
                 let set = hostcalls::set_map_value(
                     MapType::HttpRequestHeaders,
@@ -122,6 +129,7 @@ impl KvmeshHttp {
             }
             Err(status) => {
                 log::error!("kvmesh filter: cannot send local reply: {status:?}; passing through");
+                self.state.metrics.fallback();
                 self.phase = Phase::Passed;
                 Action::Continue
             }
@@ -193,6 +201,7 @@ impl HttpContext for KvmeshHttp {
             Ok(body) => body.unwrap_or_default(),
             Err(status) => {
                 log::error!("kvmesh filter: cannot read the request body: {status:?}; passing through");
+                self.state.metrics.fallback();
                 self.phase = Phase::Passed;
                 return Action::Continue;
             }
@@ -200,12 +209,62 @@ impl HttpContext for KvmeshHttp {
         self.route(endpoint, &body)
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // Response headers are still ours to change in this callback (they have not been forwarded).
         if let Err(status) =
             hostcalls::add_map_value(MapType::HttpResponseHeaders, FILTER_HEADER, FILTER_VERSION)
         {
             log::debug!("kvmesh filter: cannot add {FILTER_HEADER}: {status:?}");
+        }
+        if matches!(self.phase, Phase::Routed(_)) && !end_of_stream {
+            let header = |name| hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten();
+            let ok = header(":status").is_some_and(|s| s == "200");
+            // Only successful JSON or event-stream answers carry `usage`; compressed ones are not read.
+            self.usage = header("content-type")
+                .filter(|_| ok)
+                .and_then(|ct| UsageScanner::for_response(&ct, header("content-encoding").as_deref()));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(scanner) = &mut self.usage else { return Action::Continue };
+        // Each chunk is passed on as it comes (Continue), so the buffer holds just this chunk.
+        if body_size > 0 {
+            match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                Ok(Some(chunk)) => scanner.feed(&chunk),
+                Ok(None) => {}
+                Err(status) => {
+                    log::debug!("kvmesh filter: cannot read the response body: {status:?}");
+                    self.usage = None;
+                    return Action::Continue;
+                }
+            }
+        }
+        if end_of_stream || scanner.is_complete() {
+            let usage = scanner.finish();
+            self.usage = None;
+            if let Phase::Routed(routed) = &self.phase {
+                // The engine reports whole cached blocks and never the prompt's last token; a
+                // response without details (vLLM and SGLang leave them out at 0) counts as 0.
+                let outcome = usage.and_then(|u| u.cached_tokens_or(MissingDetails::Zero)).map(|reported| {
+                    let predicted = engine_visible_prediction(
+                        routed.overlap_blocks,
+                        routed.prompt_tokens,
+                        routed.block_size,
+                    );
+                    Accuracy::compare(predicted, reported)
+                });
+                if let Some(a) = &outcome {
+                    log::debug!(
+                        "kvmesh filter: request {} predicted {} cached tokens, engine reported {}",
+                        self.context_id,
+                        a.predicted_cached_tokens,
+                        a.reported_cached_tokens
+                    );
+                }
+                self.state.accuracy.record(outcome);
+            }
         }
         Action::Continue
     }

@@ -8,7 +8,10 @@ use std::cell::Cell;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
-use crate::router::RejectKind;
+use kvmesh_core::PolicyKind;
+
+use crate::relay::Polled;
+use crate::router::{Degraded, RejectKind, Routed};
 
 /// Ids of the filter's metrics in this VM; `None` where the host refused the definition.
 #[derive(Debug, Default)]
@@ -19,6 +22,17 @@ pub struct Metrics {
     decision_us_total: Option<u32>,
     decision_us: Option<u32>,
     overlap_blocks_total: Option<u32>,
+    overlap_blocks: Option<u32>,
+    /// Routed requests by deciding policy, in the order of `POLICIES`.
+    by_policy: [Option<u32>; 4],
+    stale_routes: Option<u32>,
+    untokenized_routes: Option<u32>,
+    fallbacks: Option<u32>,
+    model_loads: Option<u32>,
+    model_load_failures: Option<u32>,
+    state_snapshots: Option<u32>,
+    state_deltas: Option<u32>,
+    state_malformed: Option<u32>,
     /// Set after the first failed update so a broken host does not flood the log.
     warned: Cell<bool>,
 }
@@ -32,6 +46,10 @@ const REJECT_KINDS: [RejectKind; 6] = [
     RejectKind::Shed,
     RejectKind::Internal,
 ];
+
+/// Every policy, in the order of `Metrics::by_policy`.
+const POLICIES: [PolicyKind; 4] =
+    [PolicyKind::KvAware, PolicyKind::LoadOnly, PolicyKind::RoundRobin, PolicyKind::ApproxPrefix];
 
 /// The metric-name part of a reject kind.
 fn reject_name(kind: RejectKind) -> &'static str {
@@ -63,6 +81,11 @@ impl Metrics {
             let name = format!("kvmesh_filter_decisions_{}_total", reject_name(kind));
             *slot = define(MetricType::Counter, &name);
         }
+        let mut by_policy = [None; 4];
+        for (slot, policy) in by_policy.iter_mut().zip(POLICIES) {
+            let name = format!("kvmesh_filter_routed_by_{}_total", policy.name().replace('-', "_"));
+            *slot = define(MetricType::Counter, &name);
+        }
         Metrics {
             routed: define(MetricType::Counter, "kvmesh_filter_decisions_routed_total"),
             passthrough: define(MetricType::Counter, "kvmesh_filter_passthrough_total"),
@@ -70,15 +93,57 @@ impl Metrics {
             decision_us_total: define(MetricType::Counter, "kvmesh_filter_decision_microseconds_total"),
             decision_us: define(MetricType::Histogram, "kvmesh_filter_decision_microseconds"),
             overlap_blocks_total: define(MetricType::Counter, "kvmesh_filter_overlap_blocks_total"),
+            overlap_blocks: define(MetricType::Histogram, "kvmesh_filter_overlap_blocks"),
+            by_policy,
+            stale_routes: define(MetricType::Counter, "kvmesh_filter_stale_state_routes_total"),
+            untokenized_routes: define(MetricType::Counter, "kvmesh_filter_untokenized_routes_total"),
+            fallbacks: define(MetricType::Counter, "kvmesh_filter_fallbacks_total"),
+            model_loads: define(MetricType::Counter, "kvmesh_filter_model_loads_total"),
+            model_load_failures: define(MetricType::Counter, "kvmesh_filter_model_load_failures_total"),
+            state_snapshots: define(MetricType::Counter, "kvmesh_filter_state_snapshots_applied_total"),
+            state_deltas: define(MetricType::Counter, "kvmesh_filter_state_deltas_applied_total"),
+            state_malformed: define(MetricType::Counter, "kvmesh_filter_state_malformed_total"),
             warned: Cell::new(false),
         }
     }
 
-    /// A request that was routed after `micros` of filter work, with `overlap` predicted blocks.
-    pub fn routed(&self, micros: u64, overlap: u32) {
+    /// A request that was routed after `micros` of filter work.
+    pub fn routed(&self, micros: u64, routed: &Routed) {
         self.add(self.routed, 1);
         self.decision(micros);
-        self.add(self.overlap_blocks_total, i64::from(overlap));
+        self.add(self.overlap_blocks_total, i64::from(routed.overlap_blocks));
+        self.record(self.overlap_blocks, u64::from(routed.overlap_blocks));
+        let index = POLICIES.iter().position(|p| *p == routed.policy);
+        self.add(index.and_then(|i| self.by_policy[i]), 1);
+        match routed.degraded {
+            Some(Degraded::StaleState) => self.add(self.stale_routes, 1),
+            Some(Degraded::NoTokenizer) => self.add(self.untokenized_routes, 1),
+            None => {}
+        }
+    }
+
+    /// A request passed through because the filter could not do its work (fail open).
+    pub fn fallback(&self) {
+        self.add(self.fallbacks, 1);
+    }
+
+    /// A model's tokenizer loaded in this VM (or failed to).
+    pub fn model_loaded(&self, ok: bool) {
+        self.add(if ok { self.model_loads } else { self.model_load_failures }, 1);
+    }
+
+    /// `n` models loaded from the static configuration.
+    pub fn model_loaded_n(&self, n: usize) {
+        self.add(self.model_loads, n as i64);
+    }
+
+    /// What one poll of the relayed state applied.
+    pub fn state_polled(&self, polled: &Polled) {
+        if polled.snapshot {
+            self.add(self.state_snapshots, 1);
+        }
+        self.add(self.state_deltas, i64::from(polled.deltas));
+        self.add(self.state_malformed, i64::from(polled.malformed));
     }
 
     /// A request answered by the filter.
@@ -95,14 +160,22 @@ impl Metrics {
 
     fn decision(&self, micros: u64) {
         self.add(self.decision_us_total, i64::try_from(micros).unwrap_or(i64::MAX));
-        if let Some(id) = self.decision_us
-            && let Err(status) = hostcalls::record_metric(id, micros)
+        self.record(self.decision_us, micros);
+    }
+
+    fn record(&self, id: Option<u32>, value: u64) {
+        if let Some(id) = id
+            && let Err(status) = hostcalls::record_metric(id, value)
         {
             self.warn(status);
         }
     }
 
     fn add(&self, id: Option<u32>, by: i64) {
+        // The host refuses an increment of 0 (BadArgument).
+        if by == 0 {
+            return;
+        }
         if let Some(id) = id
             && let Err(status) = hostcalls::increment_metric(id, by)
         {

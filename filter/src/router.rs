@@ -1,10 +1,10 @@
 //! One VM's routing state and the request pipeline over kvmesh-core: parse, render, tokenize, hash,
 //! score. No host calls here (time comes in as an argument), so it is unit-tested natively.
 //!
-//! State today: the fleet from the plugin configuration, this proxy's own past decisions (the
-//! approx-prefix policy's TTL'd predictions) and its in-flight requests per worker. The seam for the
-//! control plane's state stream is [`Router::apply_fleet`] plus [`Router::index_mut`]: a stream
-//! consumer upserts workers and feeds KV events into the index; nothing else changes.
+//! State: static workers and models from the plugin configuration; the control plane's workers,
+//! loads, index and per-model policies (applied in `apply.rs`); this proxy's own recent decisions
+//! (the policy's optimistic or approx-prefix entries) and its in-flight requests per worker. When
+//! the control plane's state is older than its TTL, requests are routed on load alone and say so.
 
 use std::collections::HashMap;
 
@@ -13,10 +13,11 @@ use kvmesh_core::request::{
     Endpoint, InferenceRequest, Prompt, RequestError, RequestLimits, openai_error_body, parse_request,
 };
 use kvmesh_core::template::{ChatTemplate, RenderOptions};
-use kvmesh_core::tokenize::{Encoder, SegmentCacheConfig};
+use kvmesh_core::tokenize::Encoder;
+use kvmesh_core::tokenize::SegmentCacheConfig;
 use kvmesh_core::{
-    BlockHash, Fleet, Outcome, Policy, PrefixIndex, RouteInput, Scorer, SplitMix64, TokenId, Tokenizer,
-    TokenizerFiles, WorkerInfo, WorkerSlot,
+    BlockHash, Fleet, Outcome, Policy, PolicyKind, PrefixIndex, RouteInput, RoutingConfig, Scorer,
+    SplitMix64, TokenId, Tokenizer, TokenizerFiles, WorkerInfo, WorkerSlot,
 };
 use serde_json::value::RawValue;
 
@@ -25,18 +26,42 @@ use crate::config::{Error, FilterConfig};
 /// Block size assumed for a model no worker serves yet (its requests get 503 anyway).
 const DEFAULT_BLOCK_SIZE: u32 = 16;
 
-/// Blocks the fleet index holds before evicting (filled by the control plane's stream, later).
+/// Blocks the fleet index holds before evicting (the control plane's index, as streamed).
 const INDEX_MAX_BLOCKS: usize = 1 << 20;
 
+/// Bytes per token assumed when a prompt cannot be tokenized yet (its model's tokenizer is still
+/// loading): the load score then works on an estimate.
+const ESTIMATED_BYTES_PER_TOKEN: u64 = 4;
+
 /// A served model: its tokenizer and compiled default chat template, loaded once per VM.
-struct Model {
+pub(crate) struct Model {
     tokenizer: Tokenizer,
     /// Encodes through a per-segment id cache: a repeated system prompt or earlier chat turn costs a
     /// lookup, not a tokenization (ids equal the uncached ones; see kvmesh-core's segment cache tests).
     encoder: Encoder,
     /// `None` when the model ships no chat template (its chat requests get 400).
     template: Option<ChatTemplate>,
-    block_size: u32,
+    pub(crate) block_size: u32,
+    /// Identity of the tokenizer files (the control plane's `tokenizer_id`; empty when static).
+    pub(crate) tokenizer_id: String,
+}
+
+impl Model {
+    /// Loads a model's tokenizer and default template.
+    pub(crate) fn load(
+        name: &str,
+        files: TokenizerFiles<'_>,
+        block_size: u32,
+        tokenizer_id: String,
+        cache: SegmentCacheConfig,
+    ) -> Result<Model, Error> {
+        let tokenizer = Tokenizer::from_files(files)
+            .map_err(|e| Error::Model { model: name.to_owned(), source: e.into() })?;
+        // Compiling costs far more than rendering: once per VM, not per request.
+        let template = tokenizer.chat_template(None, false).ok();
+        let encoder = tokenizer.encoder(cache);
+        Ok(Model { tokenizer, encoder, template, block_size, tokenizer_id })
+    }
 }
 
 /// Why a request was not routed, with the HTTP status it is answered with.
@@ -105,54 +130,90 @@ pub struct Routed {
     pub prefill_tokens: u64,
     /// Blocks the request holds (counted in flight until the request ends).
     pub request_blocks: u64,
+    /// Block size the prompt was hashed with.
+    pub block_size: u32,
+    /// The policy that decided.
+    pub policy: PolicyKind,
+    /// How it was decided, when not normally.
+    pub degraded: Option<Degraded>,
+}
+
+/// Why a request was routed on less than the full picture.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Degraded {
+    /// The control plane's state is older than its TTL (or never arrived): load alone decided.
+    StaleState,
+    /// The model's tokenizer is not loaded yet: load alone decided, on an estimated prompt length.
+    NoTokenizer,
 }
 
 /// One VM's routing state.
 pub struct Router {
-    fleet: Fleet,
-    index: PrefixIndex,
-    policy: Policy,
+    pub(crate) fleet: Fleet,
+    pub(crate) index: PrefixIndex,
+    /// The configured policy, for models the control plane gives none.
+    pub(crate) default_policy: Policy,
+    /// Per-model policies from the control plane.
+    pub(crate) policies: HashMap<String, Policy>,
+    /// What decides while the state is stale: load-only with the configured limits.
+    stale_policy: Policy,
     scorer: Scorer,
     rng: SplitMix64,
-    models: HashMap<String, Model>,
+    pub(crate) models: HashMap<String, Model>,
+    pub(crate) segment_cache: SegmentCacheConfig,
     limits: RequestLimits,
+    /// Control-plane worker handles to fleet slots (valid within the applied stream epoch).
+    pub(crate) handles: HashMap<u32, WorkerSlot>,
+    /// `Some(ttl)` when the fleet comes from the control plane.
+    state_ttl_ms: Option<u64>,
+    /// When the control plane was last heard from (through the state service), host clock ms.
+    state_heard_at_ms: Option<u64>,
     /// Reused per request: the prompt's ids and block hashes.
     tokens: Vec<TokenId>,
     hashes: Vec<BlockHash>,
 }
 
 impl Router {
-    /// Loads every model's tokenizer and template and registers the configured workers.
+    /// Loads every static model's tokenizer and template and registers the static workers.
     pub fn new(config: &FilterConfig) -> Result<Router, Error> {
-        let policy = Policy::new(config.routing)
-            .map_err(|e| Error::Invalid { field: "routing".to_owned(), reason: e.to_string() })?;
+        let routing = config.routing();
+        let invalid =
+            |e: kvmesh_core::Error| Error::Invalid { field: "routing".to_owned(), reason: e.to_string() };
+        let default_policy = Policy::new(routing).map_err(invalid)?;
+        let stale_policy =
+            Policy::new(RoutingConfig { policy: PolicyKind::LoadOnly, ..routing }).map_err(invalid)?;
+        let segment_cache = config.segment_cache.to_core();
         let mut models = HashMap::with_capacity(config.models.len());
         for m in &config.models {
-            let model_err = |source: kvmesh_core::Error| Error::Model { model: m.name.clone(), source };
             let files = TokenizerFiles {
                 tokenizer_json: m.tokenizer.get(),
                 tokenizer_config_json: m.tokenizer_config.as_deref().map(RawValue::get),
                 chat_template_jinja: m.chat_template.as_deref(),
             };
-            let tokenizer = Tokenizer::from_files(files).map_err(|e| model_err(e.into()))?;
-            // Compiling costs far more than rendering: once per VM, not per request.
-            let template = tokenizer.chat_template(None, false).ok();
             let block_size = config
                 .workers
                 .iter()
                 .find(|w| w.model == m.name)
                 .map_or(DEFAULT_BLOCK_SIZE, |w| w.block_size);
-            let encoder = tokenizer.encoder(SegmentCacheConfig::default());
-            models.insert(m.name.clone(), Model { tokenizer, encoder, template, block_size });
+            models.insert(
+                m.name.clone(),
+                Model::load(&m.name, files, block_size, String::new(), segment_cache)?,
+            );
         }
         let mut router = Router {
             fleet: Fleet::new(),
             index: PrefixIndex::new(INDEX_MAX_BLOCKS),
-            policy,
+            default_policy,
+            policies: HashMap::new(),
+            stale_policy,
             scorer: Scorer::new(),
             rng: SplitMix64::new(0x6b76_6d65_7368),
             models,
+            segment_cache,
             limits: RequestLimits { max_body_bytes: config.max_body_bytes },
+            handles: HashMap::new(),
+            state_ttl_ms: config.state.map(|s| s.ttl_ms),
+            state_heard_at_ms: None,
             tokens: Vec::new(),
             hashes: Vec::new(),
         };
@@ -160,9 +221,24 @@ impl Router {
         Ok(router)
     }
 
-    /// Whether any model is configured; without one the filter passes everything through.
+    /// Records when the control plane was last heard from (host clock ms).
+    pub fn set_state_heard_at(&mut self, heard_at_ms: Option<u64>) {
+        self.state_heard_at_ms = heard_at_ms;
+    }
+
+    /// Whether the control plane's state counts as stale at `now_ms` (never when there is none).
+    pub fn state_is_stale(&self, now_ms: u64) -> bool {
+        match (self.state_ttl_ms, self.state_heard_at_ms) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(ttl), Some(at)) => now_ms.saturating_sub(at) > ttl,
+        }
+    }
+
+    /// Whether anything is to be routed: a static model, or the control plane's state to follow.
+    /// Without either the filter passes everything through.
     pub fn routes_anything(&self) -> bool {
-        !self.models.is_empty()
+        !self.models.is_empty() || self.state_ttl_ms.is_some()
     }
 
     /// Models loaded.
@@ -180,7 +256,7 @@ impl Router {
         self.limits.max_body_bytes
     }
 
-    /// Adds or updates workers (the plugin configuration today, the state stream later).
+    /// Adds or updates static workers (from the plugin configuration).
     pub fn apply_fleet(&mut self, workers: impl IntoIterator<Item = WorkerInfo>) -> Result<(), Error> {
         for worker in workers {
             let id = worker.id.to_string();
@@ -189,11 +265,6 @@ impl Router {
                 .map_err(|e| Error::Invalid { field: format!("workers[{id}]"), reason: e.to_string() })?;
         }
         Ok(())
-    }
-
-    /// The fleet index, for the state stream's KV events (empty until that stream exists).
-    pub fn index_mut(&mut self) -> &mut PrefixIndex {
-        &mut self.index
     }
 
     /// Routes one request body sent to `endpoint` at `now_ms` (host clock, milliseconds), and
@@ -206,25 +277,48 @@ impl Router {
         now_unix_seconds: i64,
     ) -> Result<Routed, Rejected> {
         let request = parse_request(endpoint, body, &self.limits).map_err(|e| Rejected::request(&e))?;
-        let Some(model) = self.models.get_mut(request.model()) else {
-            let message = format!("The model `{}` does not exist.", request.model());
-            return Err(Rejected::new(RejectKind::UnknownModel, &message, "NotFoundError"));
-        };
+        let model_name = request.model();
         self.tokens.clear();
-        tokenize(model, &request, now_unix_seconds, &mut self.tokens)?;
-        let salt = BlockSalt::for_request(None, request.cache_salt());
         self.hashes.clear();
-        hash_prompt(&self.tokens, model.block_size as usize, salt, &mut self.hashes);
+        let stale = self.state_is_stale(now_ms);
+        let (block_size, prompt_tokens, degraded) = match self.models.get_mut(model_name) {
+            Some(model) => {
+                tokenize(model, &request, now_unix_seconds, &mut self.tokens)?;
+                let salt = BlockSalt::for_request(None, request.cache_salt());
+                hash_prompt(&self.tokens, model.block_size as usize, salt, &mut self.hashes);
+                (model.block_size, self.tokens.len() as u64, stale.then_some(Degraded::StaleState))
+            }
+            None => match self.fleet.iter().find(|(_, e)| e.info.model == model_name) {
+                // Served, but its tokenizer is still on its way: route on load, estimate the length.
+                Some((_, entry)) => {
+                    let estimate = (body.len() as u64).div_ceil(ESTIMATED_BYTES_PER_TOKEN);
+                    (entry.info.block_size, estimate, Some(Degraded::NoTokenizer))
+                }
+                None if self.state_ttl_ms.is_some() && self.state_heard_at_ms.is_none() => {
+                    let message = "the fleet is not known yet (no state from the control plane)";
+                    return Err(Rejected::new(RejectKind::NoWorker, message, "ServiceUnavailableError"));
+                }
+                None => {
+                    let message = format!("The model `{model_name}` does not exist.");
+                    return Err(Rejected::new(RejectKind::UnknownModel, &message, "NotFoundError"));
+                }
+            },
+        };
 
         let input = RouteInput {
-            model: request.model(),
+            model: model_name,
             hashes: &self.hashes,
-            prompt_tokens: self.tokens.len() as u64,
+            prompt_tokens,
             expected_output_tokens: request.max_output_tokens().map(u64::from),
-            block_size: model.block_size,
+            block_size,
             now_ms,
         };
-        let decision = self.scorer.route(&mut self.policy, &input, &self.fleet, &self.index, &mut self.rng);
+        let policy = match degraded {
+            Some(_) => &mut self.stale_policy,
+            None => self.policies.get_mut(model_name).unwrap_or(&mut self.default_policy),
+        };
+        let policy_kind = policy.kind();
+        let decision = self.scorer.route(policy, &input, &self.fleet, &self.index, &mut self.rng);
         let worker = match decision.outcome {
             Outcome::Routed(worker) => worker,
             Outcome::Shed => {
@@ -232,7 +326,7 @@ impl Router {
                 return Err(Rejected::new(RejectKind::Shed, message, "RateLimitError"));
             }
             Outcome::NoWorker => {
-                let message = format!("no worker is ready for model `{}`", request.model());
+                let message = format!("no worker is ready for model `{model_name}`");
                 return Err(Rejected::new(RejectKind::NoWorker, &message, "ServiceUnavailableError"));
             }
         };
@@ -247,10 +341,13 @@ impl Router {
         Ok(Routed {
             destination,
             worker,
-            prompt_tokens: self.tokens.len() as u64,
+            prompt_tokens,
             overlap_blocks: decision.overlap_blocks,
             prefill_tokens: decision.prefill_tokens,
             request_blocks: decision.request_blocks,
+            block_size,
+            policy: policy_kind,
+            degraded,
         })
     }
 
@@ -318,11 +415,11 @@ fn tokenize(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A tiny byte-level BPE tokenizer.json: every byte is one token (enough to hash blocks).
-    fn tokenizer_json() -> String {
+    pub(crate) fn tokenizer_json() -> String {
         let vocab: Vec<String> = (0u8..=255)
             .map(|b| {
                 let c = byte_char(b);

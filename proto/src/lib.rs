@@ -8,3 +8,5 @@ pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     include!(concat!(env!("OUT_DIR"), "/kvmesh.v1.rs"));
 }
+
+pub mod convert;

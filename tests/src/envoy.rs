@@ -23,6 +23,11 @@ pub struct EnvoyConfig {
     pub upstream_ports: Vec<u16>,
     /// The request header the override_host policy reads (`ip:port`, or a comma-separated list).
     pub override_host_header: String,
+    /// The control plane's gRPC port: adds the state service (a singleton bootstrap Wasm service
+    /// with the filter's `vm_id`) and an HTTP/2 cluster `kvmesh_control_plane` to it.
+    pub control_plane_grpc_port: Option<u16>,
+    /// Envoy worker threads (each runs its own filter VM).
+    pub concurrency: u32,
 }
 
 impl EnvoyConfig {
@@ -35,6 +40,8 @@ impl EnvoyConfig {
             plugin_config: "{}".to_string(),
             upstream_ports,
             override_host_header: "x-kvmesh-worker".to_string(),
+            control_plane_grpc_port: None,
+            concurrency: 1,
         }
     }
 
@@ -48,8 +55,47 @@ impl EnvoyConfig {
                 "        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}"
             );
         }
+        let (service, cp_cluster) = match self.control_plane_grpc_port {
+            None => (String::new(), String::new()),
+            Some(port) => (
+                format!(
+                    r#"bootstrap_extensions:
+- name: envoy.bootstrap.wasm
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.wasm.v3.WasmService
+    singleton: true
+    config:
+      name: kvmesh_state
+      root_id: ""
+      vm_config:
+        vm_id: kvmesh
+        runtime: envoy.wasm.runtime.v8
+        code: {{ local: {{ filename: {wasm} }} }}
+      configuration:
+        "@type": type.googleapis.com/google.protobuf.StringValue
+        value: '{{"control_plane":{{"cluster":"kvmesh_control_plane","node":"test"}}}}'
+"#,
+                    wasm = yaml_string(&self.wasm.to_string_lossy()),
+                ),
+                format!(
+                    r#"  - name: kvmesh_control_plane
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: kvmesh_control_plane
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}
+"#
+                ),
+            ),
+        };
         format!(
-            r#"admin:
+            r#"{service}admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
 static_resources:
   listeners:
@@ -67,7 +113,11 @@ static_resources:
               domains: ["*"]
               routes:
               - match: {{ prefix: "/" }}
-                route: {{ cluster: workers, timeout: 30s }}
+                route:
+                  cluster: workers
+                  timeout: 30s
+                  # A refused connection moves on to the next host of the override list.
+                  retry_policy: {{ retry_on: "connect-failure,refused-stream,reset", num_retries: 2 }}
           http_filters:
           - name: envoy.filters.http.wasm
             typed_config:
@@ -109,7 +159,7 @@ static_resources:
                   name: envoy.load_balancing_policies.round_robin
                   typed_config:
                     "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
-"#,
+{cp_cluster}"#,
             admin = self.admin_port,
             listener = self.listener_port,
             wasm = yaml_string(&self.wasm.to_string_lossy()),
@@ -163,9 +213,10 @@ impl Envoy {
         std::fs::write(&bootstrap, config.to_yaml())
             .unwrap_or_else(|e| panic!("write {}: {e}", bootstrap.display()));
         let mut cmd = Command::new(envoy_binary());
+        let concurrency = config.concurrency.to_string();
         cmd.arg("-c").arg(&bootstrap).args([
             "--concurrency",
-            "1",
+            &concurrency,
             // No shared memory, so parallel tests need no distinct --base-id and a killed Envoy
             // leaves nothing behind in /dev/shm.
             "--disable-hot-restart",

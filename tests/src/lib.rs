@@ -9,6 +9,7 @@
 //! What it must never do: hold product logic. It drives the real binaries from outside.
 
 pub mod envoy;
+pub mod fleet;
 pub mod http;
 pub mod nats;
 
@@ -256,6 +257,15 @@ impl Process {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// Kills the child's whole process group at once (SIGKILL, as a crash would) and reaps it.
+    pub fn kill(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        self.signal_group(libc::SIGKILL);
+        self.status = self.child.wait().ok();
     }
 
     /// True once the child has exited, without reaping it: while it is an unreaped zombie its pid

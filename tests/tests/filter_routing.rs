@@ -4,66 +4,16 @@
 //! stats: a repeated prefix lands where it is cached, distinct prefixes spread, errors are JSON, and
 //! other paths pass through.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
-
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
-use kvmesh_tests::http;
-use kvmesh_tests::{Process, free_port, http_ok, tokenizer_dir};
+use kvmesh_tests::fleet::{
+    BLOCK_SIZE, MODEL, Sim, cached_tokens, metric, prometheus, requests_per_worker, system_prompt,
+};
+use kvmesh_tests::{http, tokenizer_dir};
 
-/// The model the sims serve (their default `--model`).
-const MODEL: &str = "Qwen/Qwen3-8B";
-/// Tokens per KV block on every sim (vLLM's GPU default).
-const BLOCK_SIZE: u32 = 16;
 /// The filter's body limit here: below Envoy's 1 MiB buffer limit, so the filter answers the 413.
 const MAX_BODY_BYTES: usize = 256 * 1024;
 /// The header the filter writes and the cluster's override_host policy reads.
 const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
-
-/// The `kvmesh` binary (`$KVMESH_BIN`, else the debug build in the target dir).
-fn kvmesh_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("KVMESH_BIN").filter(|v| !v.is_empty()) {
-        return PathBuf::from(bin);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| kvmesh_tests::cache_dir().join("target"));
-    let bin = target.join("debug/kvmesh");
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo build -p kvmesh-cli` (or set KVMESH_BIN)",
-        bin.display()
-    );
-    bin
-}
-
-/// A `kvmesh sim` worker process on a free port.
-struct Sim {
-    process: Process,
-    port: u16,
-}
-
-impl Sim {
-    fn start(seed: u64) -> Sim {
-        let port = free_port();
-        let mut cmd = Command::new(kvmesh_binary());
-        cmd.args(["sim", "--engine", "vllm", "--host", "127.0.0.1"])
-            .args(["--port", &port.to_string()])
-            .arg("--tokenizer-dir")
-            .arg(tokenizer_dir("qwen3"))
-            .args(["--block-size", &BLOCK_SIZE.to_string(), "--kv-blocks", "512"])
-            .args(["--speedup", "20", "--seed", &seed.to_string()]);
-        let process = Process::spawn(&format!("sim-{port}"), cmd);
-        Sim { process, port }
-    }
-
-    fn wait_ready(&mut self) {
-        let port = self.port;
-        self.process
-            .wait_ready("GET /health answers 200", kvmesh_tests::READY_TIMEOUT, || http_ok(port, "/health"));
-    }
-}
 
 /// The plugin configuration: the 4 workers and the model with its tokenizer files embedded as JSON.
 fn plugin_config(sims: &[Sim]) -> String {
@@ -88,54 +38,18 @@ fn plugin_config(sims: &[Sim]) -> String {
     )
 }
 
-/// A chat body: a long system prompt (the shared prefix) and a user message.
+/// A chat body with the short answer this test asks for.
 fn chat(system: &str, user: &str) -> String {
-    format!(
-        r#"{{"model":"{MODEL}","messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"{user}"}}],"max_tokens":16}}"#
-    )
-}
-
-/// A system prompt of about 600 tokens whose first words are unique to `topic`.
-fn system_prompt(topic: &str) -> String {
-    let mut s = format!("{topic}: you are a careful assistant for {topic}.");
-    for i in 0..120 {
-        s.push_str(&format!(" Rule {i} about {topic} says to answer briefly."));
-    }
-    s
-}
-
-/// `usage.prompt_tokens_details.cached_tokens` of a response body.
-fn cached_tokens(body: &str) -> u64 {
-    let at = body.find("\"cached_tokens\":").unwrap_or_else(|| panic!("no cached_tokens in {body}"));
-    let digits: String = body[at + 16..].trim_start().chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().unwrap_or_else(|_| panic!("bad cached_tokens in {body}"))
-}
-
-/// Requests Envoy sent to each worker port, from the admin `/clusters` stats.
-fn requests_per_worker(envoy: &Envoy) -> HashMap<u16, u64> {
-    let resp = http::get(envoy.admin_port(), "/clusters").expect("GET /clusters");
-    let text = resp.message.body_text();
-    let mut out = HashMap::new();
-    for line in text.lines() {
-        // workers::127.0.0.1:PORT::rq_total::N
-        let parts: Vec<&str> = line.split("::").collect();
-        if let ["workers", addr, "rq_total", n] = parts.as_slice()
-            && let (Some(port), Ok(n)) = (addr.rsplit(':').next().and_then(|p| p.parse().ok()), n.parse())
-        {
-            out.insert(port, n);
-        }
-    }
-    out
+    kvmesh_tests::fleet::chat(system, user, 16)
 }
 
 fn post_chat(envoy: &Envoy, body: &str) -> http::Response {
-    http::post(envoy.port(), "/v1/chat/completions", &[("content-type", "application/json")], body.as_bytes())
-        .expect("POST through Envoy")
+    kvmesh_tests::fleet::post_chat(envoy.port(), body)
 }
 
 #[test]
 fn filter_routes_on_cached_prefix_and_answers_errors() {
-    let mut sims: Vec<Sim> = (0..4).map(Sim::start).collect();
+    let mut sims: Vec<Sim> = (0..4).map(|i| Sim::start(i, 512)).collect();
     for sim in &mut sims {
         sim.wait_ready();
     }
@@ -190,17 +104,9 @@ fn filter_routes_on_cached_prefix_and_answers_errors() {
     assert!(models.message.body_text().contains(MODEL));
 
     // (e) The decisions show in Envoy's Prometheus stats.
-    let stats = http::get(envoy.admin_port(), "/stats/prometheus")
-        .expect("GET /stats/prometheus")
-        .message
-        .body_text();
+    let stats = prometheus(&envoy);
     let metric = |name: &str| -> u64 {
-        stats
-            .lines()
-            .find(|l| l.contains(name) && !l.starts_with('#'))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in stats:\n{stats}"))
+        metric(&stats, name).unwrap_or_else(|| panic!("no {name} in stats:\n{stats}"))
     };
     assert_eq!(metric("kvmesh_filter_decisions_routed_total"), 10);
     assert_eq!(metric("kvmesh_filter_decisions_bad_request_total"), 1);

@@ -32,6 +32,10 @@ pub mod defaults {
     pub const APPROX_TTL_MS: u64 = 120_000;
     /// Blocks the approx-prefix index remembers (about 5 MB per wasm VM at ~50 bytes a block).
     pub const APPROX_MAX_BLOCKS: usize = 100_000;
+    /// How long kv-aware trusts this proxy's own recent decisions beside the fleet index: long
+    /// enough to cover the engine-to-control-plane-to-filter event delay (tens of ms measured) with
+    /// a wide margin, short enough that a wrong guess (an eviction) is soon forgotten.
+    pub const OPTIMISTIC_TTL_MS: u64 = 2_000;
 }
 
 /// Most fallback workers a decision carries.
@@ -134,6 +138,10 @@ pub struct RoutingConfig {
     pub fallbacks: usize,
     /// The approx-prefix policy's index.
     pub approx: ApproxConfig,
+    /// kv-aware only: milliseconds a prompt this proxy just routed counts as cached on its worker
+    /// before the engine's events confirm it (bursts of one prefix stick to one worker); 0 turns
+    /// these optimistic entries off. They share `approx.max_blocks` as their bound.
+    pub optimistic_ttl_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -145,6 +153,7 @@ impl Default for RoutingConfig {
             limits: LoadLimits::default(),
             fallbacks: defaults::FALLBACKS,
             approx: ApproxConfig::default(),
+            optimistic_ttl_ms: defaults::OPTIMISTIC_TTL_MS,
         }
     }
 }

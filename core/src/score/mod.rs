@@ -185,7 +185,14 @@ impl Policy {
     /// The policy a (validated) configuration names.
     pub fn new(config: RoutingConfig) -> Result<Policy, Error> {
         config.validate()?;
-        let approx = (config.policy == PolicyKind::ApproxPrefix).then(|| ApproxIndex::new(config.approx));
+        let approx = match config.policy {
+            PolicyKind::ApproxPrefix => Some(ApproxIndex::new(config.approx)),
+            PolicyKind::KvAware if config.optimistic_ttl_ms > 0 => Some(ApproxIndex::new(ApproxConfig {
+                ttl_ms: config.optimistic_ttl_ms,
+                max_blocks: config.approx.max_blocks,
+            })),
+            _ => None,
+        };
         Ok(Policy { config, round_robin: RoundRobin::default(), approx })
     }
 
@@ -205,7 +212,8 @@ impl Policy {
         &self.config
     }
 
-    /// The approx-prefix policy's predicted index (`None` for other policies).
+    /// What this proxy predicts from its own decisions: approx-prefix's whole index, kv-aware's
+    /// optimistic entries (`None` for other policies, or kv-aware with them off).
     pub fn approx(&self) -> Option<&ApproxIndex> {
         self.approx.as_ref()
     }
@@ -217,8 +225,9 @@ impl Policy {
         }
     }
 
-    /// Learns from a decision that was acted on: round-robin moves on, approx-prefix remembers the
-    /// prompt as cached on the chosen worker. Unrouted decisions teach nothing.
+    /// Learns from a decision that was acted on: round-robin moves on, approx-prefix (and kv-aware,
+    /// for `optimistic_ttl_ms`) remembers the prompt as cached on the chosen worker. Unrouted
+    /// decisions teach nothing.
     pub fn record(&mut self, input: &RouteInput<'_>, decision: &Decision) {
         let Some(worker) = decision.worker() else { return };
         self.round_robin.advance(worker);
@@ -408,15 +417,19 @@ impl Scorer {
     fn lookup_overlaps(&mut self, policy: &Policy, hashes: &[BlockHash], fleet: &Fleet, index: &PrefixIndex) {
         self.overlap_by_slot.clear();
         self.overlap_by_slot.resize(fleet.slot_bound(), 0);
-        let index = match (policy.kind(), &policy.approx) {
-            (PolicyKind::KvAware, _) => index,
-            (PolicyKind::ApproxPrefix, Some(approx)) => approx.index(),
+        // kv-aware reads the fleet's index and then its optimistic entries (a prompt just sent may
+        // not be in the engine's events yet); approx-prefix reads its own predictions only.
+        let (fleet_index, local) = match policy.kind() {
+            PolicyKind::KvAware => (Some(index), policy.approx.as_ref()),
+            PolicyKind::ApproxPrefix => (None, policy.approx.as_ref()),
             _ => return,
         };
-        index.longest_prefix(hashes, &mut self.overlaps);
-        for o in &self.overlaps {
-            if let Some(blocks) = self.overlap_by_slot.get_mut(o.worker.index()) {
-                *blocks = o.blocks;
+        for index in fleet_index.into_iter().chain(local.map(ApproxIndex::index)) {
+            index.longest_prefix(hashes, &mut self.overlaps);
+            for o in &self.overlaps {
+                if let Some(blocks) = self.overlap_by_slot.get_mut(o.worker.index()) {
+                    *blocks = (*blocks).max(o.blocks);
+                }
             }
         }
     }

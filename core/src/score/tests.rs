@@ -220,6 +220,48 @@ fn approx_prefix_forgets_the_oldest_past_its_capacity() {
 }
 
 #[test]
+fn kv_aware_trusts_its_own_recent_decisions_until_events_arrive() {
+    let fleet = fleet(4);
+    let prompt = blocks(9, 12);
+    let mut index = PrefixIndex::new(1000);
+    let mut config = RoutingConfig { policy: PolicyKind::KvAware, ..RoutingConfig::default() };
+    config.optimistic_ttl_ms = 1_000;
+    let mut policy = Policy::new(config).unwrap();
+    let (mut scorer, mut rng) = (Scorer::new(), SplitMix64::new(3));
+    let at = |now_ms| RouteInput { now_ms, ..input(&prompt) };
+    let first = scorer.route(&mut policy, &at(0), &fleet, &index, &mut rng);
+    let home = routed(&first);
+    // Before any KV event: the burst sticks to where the first request went.
+    let second = scorer.route(&mut policy, &at(100), &fleet, &index, &mut rng);
+    assert_eq!((routed(&second), second.overlap_blocks), (home, 12));
+    // The fleet index and the local entries merge: the longer of the two counts.
+    let other = (home + 1) % 4;
+    index.store(WorkerSlot(other), &prompt[..4]);
+    let d = scorer.decide(&policy, &at(200), &fleet, &index, &mut rng);
+    assert_eq!((routed(&d), d.overlap_blocks), (home, 12));
+    // Once expired, only the engines' events count.
+    let d = scorer.decide(&policy, &at(5_000), &fleet, &index, &mut rng);
+    policy.expire(5_000);
+    let d_after = scorer.decide(&policy, &at(5_000), &fleet, &index, &mut rng);
+    assert!(d.overlap_blocks >= d_after.overlap_blocks);
+    assert_eq!((routed(&d_after), d_after.overlap_blocks), (other, 4));
+}
+
+#[test]
+fn kv_aware_without_optimistic_entries_reads_only_the_fleet_index() {
+    let fleet = fleet(4);
+    let prompt = blocks(9, 12);
+    let index = PrefixIndex::new(1000);
+    let config =
+        RoutingConfig { policy: PolicyKind::KvAware, optimistic_ttl_ms: 0, ..RoutingConfig::default() };
+    let mut policy = Policy::new(config).unwrap();
+    assert!(policy.approx().is_none());
+    let (mut scorer, mut rng) = (Scorer::new(), SplitMix64::new(3));
+    scorer.route(&mut policy, &input(&prompt), &fleet, &index, &mut rng);
+    assert_eq!(scorer.route(&mut policy, &input(&prompt), &fleet, &index, &mut rng).overlap_blocks, 0);
+}
+
+#[test]
 fn decide_changes_no_policy_state() {
     let fleet = fleet(3);
     let prompt = blocks(1, 4);
@@ -537,7 +579,8 @@ fn removed_worker_does_not_break_explain_or_header() {
 fn policies_are_selected_by_name() {
     assert_eq!(Policy::by_name("approx-prefix").unwrap().kind(), PolicyKind::ApproxPrefix);
     assert!(Policy::by_name("approx-prefix").unwrap().approx().is_some());
-    assert!(Policy::by_name("kv-aware").unwrap().approx().is_none());
+    assert!(Policy::by_name("kv-aware").unwrap().approx().is_some(), "optimistic entries by default");
+    assert!(Policy::by_name("load-only").unwrap().approx().is_none());
     assert!(Policy::by_name("nope").is_none());
     let bad = RoutingConfig { temperature: -1.0, ..RoutingConfig::default() };
     assert!(matches!(Policy::new(bad), Err(Error::InvalidConfig { field: "temperature", .. })));
