@@ -33,6 +33,7 @@ pub struct Metrics {
     state_snapshots: Option<u32>,
     state_deltas: Option<u32>,
     state_malformed: Option<u32>,
+    state_apply_us: Option<u32>,
     /// Set after the first failed update so a broken host does not flood the log.
     warned: Cell<bool>,
 }
@@ -103,6 +104,7 @@ impl Metrics {
             state_snapshots: define(MetricType::Counter, "kvmesh_filter_state_snapshots_applied_total"),
             state_deltas: define(MetricType::Counter, "kvmesh_filter_state_deltas_applied_total"),
             state_malformed: define(MetricType::Counter, "kvmesh_filter_state_malformed_total"),
+            state_apply_us: define(MetricType::Histogram, "kvmesh_filter_state_apply_microseconds"),
             warned: Cell::new(false),
         }
     }
@@ -137,8 +139,12 @@ impl Metrics {
         self.add(self.model_loads, n as i64);
     }
 
-    /// What one poll of the relayed state applied.
-    pub fn state_polled(&self, polled: &Polled) {
+    /// What one poll of the relayed state applied, and how long the poll took (recorded only when
+    /// it applied something: an idle poll is one 48-byte shared-data read).
+    pub fn state_polled(&self, polled: &Polled, micros: u64) {
+        if polled.snapshot || polled.deltas > 0 {
+            self.record(self.state_apply_us, micros);
+        }
         if polled.snapshot {
             self.add(self.state_snapshots, 1);
         }

@@ -56,15 +56,24 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Microseconds on the host's clock (0 if it refuses).
+fn now_micros() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 impl KvmeshRoot {
     /// The HTTP filter's timer: apply what the state service relayed, then load at most one newly
     /// available model (a load takes seconds in V8 and blocks this thread meanwhile).
     fn follow_state(&mut self, state: &VmState) {
         let Some(follower) = &mut self.follower else { return };
         let Ok(mut router) = state.router.try_borrow_mut() else { return };
+        let started = now_micros();
         let polled = follower.poll(&HostStore, &mut *router);
         router.set_state_heard_at(follower.heard_at_ms());
-        state.metrics.state_polled(&polled);
+        state.metrics.state_polled(&polled, now_micros().saturating_sub(started));
         if polled.assets_changed {
             self.assets_generation += 1;
         }

@@ -53,3 +53,44 @@ fn malformed_plugin_config_fails_envoy_start() {
     );
     assert!(log.contains("invalid kvmesh filter configuration"), "the filter logs why; log:\n{log}");
 }
+
+/// `envoy/kvmesh.yaml`, filled in as `envsubst` would, is a configuration Envoy accepts.
+#[test]
+fn standalone_bootstrap_template_is_valid() {
+    let template_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/kvmesh.yaml");
+    let template = std::fs::read_to_string(&template_path).expect("read envoy/kvmesh.yaml");
+    let wasm = kvmesh_tests::filter_wasm();
+    let values = [
+        ("KVMESH_LISTEN_PORT", kvmesh_tests::free_port().to_string()),
+        ("KVMESH_ADMIN_PORT", kvmesh_tests::free_port().to_string()),
+        ("KVMESH_FILTER_WASM", wasm.display().to_string()),
+        ("KVMESH_CONTROL_PLANE_IP", "127.0.0.1".to_string()),
+        ("KVMESH_CONTROL_PLANE_GRPC_PORT", "9091".to_string()),
+        ("KVMESH_WORKER_0_IP", "127.0.0.1".to_string()),
+        ("KVMESH_WORKER_0_PORT", "8001".to_string()),
+        ("KVMESH_WORKER_1_IP", "127.0.0.1".to_string()),
+        ("KVMESH_WORKER_1_PORT", "8002".to_string()),
+    ];
+    let mut filled = template;
+    for (name, value) in &values {
+        filled = filled.replace(&format!("${{{name}}}"), value);
+    }
+    // Only the header comment may still mention a placeholder.
+    let body: String =
+        filled.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+    assert!(!body.contains("${"), "a placeholder is left unfilled:\n{body}");
+    let dir = kvmesh_tests::TempDir::new("envoy-validate");
+    let path = dir.path().join("kvmesh.yaml");
+    std::fs::write(&path, &filled).expect("write the filled-in template");
+    let out = std::process::Command::new(kvmesh_tests::envoy_binary())
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run envoy --mode validate");
+    assert!(
+        out.status.success(),
+        "envoy rejects envoy/kvmesh.yaml:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
