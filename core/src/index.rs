@@ -168,6 +168,11 @@ impl PrefixIndex {
         }
     }
 
+    /// Whether any worker holds the block (a block nobody holds leaves the index).
+    pub fn contains(&self, hash: BlockHash) -> bool {
+        self.find(hash).is_some()
+    }
+
     /// Whether `worker` holds the block.
     pub fn holds(&self, worker: WorkerSlot, hash: BlockHash) -> bool {
         self.find(hash).is_some_and(|pos| self.copies(pos, worker.0) > 0)

@@ -68,6 +68,10 @@ pub struct FilterConfig {
     /// The per-VM cache of token ids per text segment (system prompts, earlier chat turns).
     #[serde(default)]
     pub segment_cache: SegmentCache,
+    /// kv-aware: tokenize exactly only as far as some worker (or this proxy's recent decisions)
+    /// holds the prompt's blocks, and estimate the rest of its length from its bytes.
+    #[serde(default = "defaults::early_exit")]
+    pub early_exit: bool,
     /// Longest request body routed, in bytes; longer ones get 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
@@ -147,6 +151,9 @@ mod defaults {
     pub fn assets_timeout_ms() -> u64 {
         30_000
     }
+    pub fn early_exit() -> bool {
+        true
+    }
 }
 
 /// One served model and its tokenizer, as the model ships the files.
@@ -185,7 +192,11 @@ impl FilterConfig {
 
     /// The configuration with nothing to route (what an empty plugin configuration means).
     fn default_routing_off() -> Self {
-        FilterConfig { max_body_bytes: default_max_body_bytes(), ..FilterConfig::default() }
+        FilterConfig {
+            max_body_bytes: default_max_body_bytes(),
+            early_exit: defaults::early_exit(),
+            ..FilterConfig::default()
+        }
     }
 
     /// The routing settings in force: the configured ones, else the default for this set-up.

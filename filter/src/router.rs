@@ -168,6 +168,8 @@ pub struct Router {
     state_ttl_ms: Option<u64>,
     /// When the control plane was last heard from (through the state service), host clock ms.
     state_heard_at_ms: Option<u64>,
+    /// Whether kv-aware stops exact tokenization at the first block no one holds.
+    early_exit: bool,
     /// Reused per request: the prompt's ids and block hashes.
     tokens: Vec<TokenId>,
     hashes: Vec<BlockHash>,
@@ -214,6 +216,7 @@ impl Router {
             handles: HashMap::new(),
             state_ttl_ms: config.state.map(|s| s.ttl_ms),
             state_heard_at_ms: None,
+            early_exit: config.early_exit,
             tokens: Vec::new(),
             hashes: Vec::new(),
         };
@@ -282,11 +285,46 @@ impl Router {
         self.hashes.clear();
         let stale = self.state_is_stale(now_ms);
         let (block_size, prompt_tokens, degraded) = match self.models.get_mut(model_name) {
+            Some(model) if stale => {
+                // Load alone decides: the prompt's blocks would not be looked at.
+                let estimate = (body.len() as u64).div_ceil(ESTIMATED_BYTES_PER_TOKEN);
+                (model.block_size, estimate, Some(Degraded::StaleState))
+            }
             Some(model) => {
-                tokenize(model, &request, now_unix_seconds, &mut self.tokens)?;
+                let policy = self.policies.get(model_name).unwrap_or(&self.default_policy);
+                let input = prompt_input(model, &request, now_unix_seconds)?;
                 let salt = BlockSalt::for_request(None, request.cache_salt());
-                hash_prompt(&self.tokens, model.block_size as usize, salt, &mut self.hashes);
-                (model.block_size, self.tokens.len() as u64, stale.then_some(Degraded::StaleState))
+                let block_size = model.block_size;
+                let prompt_tokens = match input {
+                    PromptInput::Tokens(ids) => {
+                        hash_prompt(ids, block_size as usize, salt, &mut self.hashes);
+                        ids.len() as u64
+                    }
+                    // kv-aware only needs exact ids as far as some worker holds the prefix: stop
+                    // at the first block neither the fleet's index nor this proxy's recent
+                    // decisions hold, and estimate the rest of the length from its bytes.
+                    PromptInput::Text { text, add_special_tokens }
+                        if self.early_exit && policy.kind() == PolicyKind::KvAware =>
+                    {
+                        let (index, local) = (&self.index, policy.approx().map(|a| a.index()));
+                        let held = |h| index.contains(h) || local.is_some_and(|l| l.contains(h));
+                        let walk = model
+                            .encoder
+                            .walk_blocks(&text, add_special_tokens, block_size as usize, salt, held)
+                            .map_err(|e| internal(&e))?;
+                        self.hashes.extend_from_slice(walk.hashes);
+                        walk.total_tokens as u64
+                    }
+                    PromptInput::Text { text, add_special_tokens } => {
+                        model
+                            .encoder
+                            .encode_into(&text, add_special_tokens, &mut self.tokens)
+                            .map_err(|e| internal(&e))?;
+                        hash_prompt(&self.tokens, block_size as usize, salt, &mut self.hashes);
+                        self.tokens.len() as u64
+                    }
+                };
+                (block_size, prompt_tokens, None)
             }
             None => match self.fleet.iter().find(|(_, e)| e.info.model == model_name) {
                 // Served, but its tokenizer is still on its way: route on load, estimate the length.
@@ -359,20 +397,25 @@ impl Router {
     }
 }
 
-/// The ids the engine computes for `request`, appended to `out`.
-fn tokenize(
-    model: &mut Model,
-    request: &InferenceRequest<'_>,
+/// A request's prompt as the engine will tokenize it.
+enum PromptInput<'a> {
+    /// Text (a rendered chat, or a completion prompt), with or without the model's special tokens.
+    Text { text: std::borrow::Cow<'a, str>, add_special_tokens: bool },
+    /// Token ids given by the client.
+    Tokens(&'a [TokenId]),
+}
+
+fn internal(e: &dyn std::fmt::Display) -> Rejected {
+    Rejected::new(RejectKind::Internal, &format!("cannot tokenize the prompt: {e}"), "InternalServerError")
+}
+
+/// The prompt of `request`: the chat rendered with the model's template, or the completion's
+/// prompt (a batch is routed as a whole, on its first prompt).
+fn prompt_input<'a>(
+    model: &Model,
+    request: &'a InferenceRequest<'a>,
     now_unix_seconds: i64,
-    out: &mut Vec<TokenId>,
-) -> Result<(), Rejected> {
-    let internal = |e: &dyn std::fmt::Display| {
-        Rejected::new(
-            RejectKind::Internal,
-            &format!("cannot tokenize the prompt: {e}"),
-            "InternalServerError",
-        )
-    };
+) -> Result<PromptInput<'a>, Rejected> {
     match request {
         InferenceRequest::Chat(chat) => {
             let bad = |e: &dyn std::fmt::Display| {
@@ -391,27 +434,19 @@ fn tokenize(
                 }
             };
             let options = RenderOptions { now_unix_seconds: Some(now_unix_seconds), default_kwargs: None };
-            // What `Tokenizer::encode_chat` does, but through the segment cache.
             let text = template.render(chat, &options).map_err(|e| bad(&e))?;
-            model.encoder.encode_into(&text, chat.add_special_tokens, out).map_err(|e| internal(&e))?;
+            Ok(PromptInput::Text { text: text.into(), add_special_tokens: chat.add_special_tokens })
         }
-        InferenceRequest::Completion(completion) => match &completion.prompt {
-            // A batch is routed as a whole, on its first prompt.
-            Prompt::Text(text) => model.encoder.encode_into(text, true, out).map_err(|e| internal(&e))?,
-            Prompt::Texts(texts) => {
-                if let Some(text) = texts.first() {
-                    model.encoder.encode_into(text, true, out).map_err(|e| internal(&e))?;
-                }
-            }
-            Prompt::Tokens(ids) => out.extend_from_slice(ids),
-            Prompt::TokenBatches(batches) => {
-                if let Some(ids) = batches.first() {
-                    out.extend_from_slice(ids);
-                }
-            }
-        },
+        InferenceRequest::Completion(completion) => Ok(match &completion.prompt {
+            Prompt::Text(text) => PromptInput::Text { text: text.as_ref().into(), add_special_tokens: true },
+            Prompt::Texts(texts) => PromptInput::Text {
+                text: texts.first().map_or("", |t| t.as_ref()).into(),
+                add_special_tokens: true,
+            },
+            Prompt::Tokens(ids) => PromptInput::Tokens(ids),
+            Prompt::TokenBatches(batches) => PromptInput::Tokens(batches.first().map_or(&[], Vec::as_slice)),
+        }),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -479,6 +514,41 @@ pub(crate) mod tests {
         assert_eq!(first.worker, second.worker);
         assert!(second.overlap_blocks > 0, "{second:?}");
         assert!(second.destination.starts_with(&first.destination[..14]), "{second:?}");
+    }
+
+    #[test]
+    fn kv_aware_stops_tokenizing_at_the_first_block_no_one_holds() {
+        let kv_aware = |early_exit: bool| {
+            let base = config(2);
+            let mut router = Router::new(&base).expect("router");
+            router.default_policy =
+                Policy::new(RoutingConfig { policy: PolicyKind::KvAware, ..RoutingConfig::default() })
+                    .expect("policy");
+            router.early_exit = early_exit;
+            router
+        };
+        let system = "a long shared system prompt that spans many blocks of four bytes each";
+        let body = chat(system, "one");
+        let mut full = kv_aware(false);
+        let exact = full.route(Endpoint::ChatCompletions, &body, 0, 0).expect("routed");
+        assert!(full.hashes.len() > 10);
+        let mut early = kv_aware(true);
+        let estimated = early.route(Endpoint::ChatCompletions, &body, 0, 0).expect("routed");
+        // Nothing is cached anywhere: the first block is the first miss.
+        assert_eq!(early.hashes.len(), 1);
+        assert_eq!(early.hashes[0], full.hashes[0]);
+        // The rest of the length is estimated from bytes (tuned for real vocabularies, so far off
+        // for this byte-per-token test tokenizer; core/tests/early_exit.rs bounds the real error).
+        assert!(
+            estimated.prompt_tokens > 0 && estimated.prompt_tokens != exact.prompt_tokens,
+            "{estimated:?}"
+        );
+        // The same prompt again: its first block is now held by this proxy's recent decision, so
+        // the walk goes on through it, and the request follows it.
+        early.finish(&estimated);
+        let again = early.route(Endpoint::ChatCompletions, &body, 1, 0).expect("routed");
+        assert_eq!((again.worker, again.overlap_blocks), (estimated.worker, 1), "{again:?}");
+        assert_eq!(early.hashes.len(), 2);
     }
 
     #[test]
