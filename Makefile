@@ -39,8 +39,8 @@ test: setup wasm lint ## setup, wasm, lint, then every test (unit and integratio
 bench: ## Run the kvmesh-core benchmarks (criterion).
 	@$(CARGO) bench -p kvmesh-core
 
-demo: setup ## Route a built-in chat workload over a simulated fleet and show where it went.
-	@$(CARGO) run -p kvmesh-cli -- demo
+demo: setup wasm ## Start a simulated fleet behind Envoy (kvmesh serve), send a chat workload, compare policies.
+	@$(CARGO) run -p kvmesh-cli -- demo --serve
 
 clean: ## Remove build outputs (the shared target dir); the downloaded tools stay in the cache.
 	@$(CARGO) clean

@@ -25,34 +25,43 @@ use serde::Serialize;
 /// Options of `kvmesh demo`.
 #[derive(Args)]
 pub struct DemoArgs {
+    /// Run the workload through a live fleet started with `kvmesh serve` (simulated workers behind
+    /// Envoy and the filter, policies switched through the control plane) instead of in-process,
+    /// and report time to first token too.
+    #[arg(long)]
+    pub(crate) serve: bool,
     /// Model tokenizer directory (tokenizer.json, tokenizer_config.json); defaults to the Qwen3 files
     /// that `make setup` fetches into $KVMESH_TOKENIZERS/qwen3.
     #[arg(long, value_name = "DIR")]
-    tokenizer_dir: Option<PathBuf>,
+    pub(crate) tokenizer_dir: Option<PathBuf>,
     /// Simulated workers.
     #[arg(long, default_value_t = 4)]
-    workers: u16,
+    pub(crate) workers: u16,
     /// Chat conversations in the workload.
     #[arg(long, default_value_t = 32)]
-    conversations: usize,
+    pub(crate) conversations: usize,
     /// User turns per conversation (each one a request carrying the whole history).
     #[arg(long, default_value_t = 6)]
-    turns: usize,
+    pub(crate) turns: usize,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
-    block_size: u32,
+    pub(crate) block_size: u32,
     /// KV-cache capacity of each worker, in blocks.
     #[arg(long, default_value_t = 1024)]
-    kv_blocks: usize,
+    pub(crate) kv_blocks: usize,
+    /// Tokens each reply may have (default: 128 in-process, 32 with --serve, where the simulated
+    /// engines really take the time to decode them).
+    #[arg(long, value_name = "TOKENS")]
+    pub(crate) max_tokens: Option<u64>,
     /// Seed of the workload text and of the routers' tie-breaking.
     #[arg(long, default_value_t = 7)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Print the results as JSON instead of tables.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// What one policy achieved on the workload.
@@ -83,10 +92,13 @@ struct SampleTurn {
 }
 
 /// One request of the workload: the conversation so far as an OpenAI chat body.
-struct Turn {
-    conversation: usize,
-    turn: usize,
-    body: String,
+pub(crate) struct Turn {
+    /// Which conversation (0-based).
+    pub(crate) conversation: usize,
+    /// Which of its user turns (0-based).
+    pub(crate) turn: usize,
+    /// The request body.
+    pub(crate) body: String,
 }
 
 /// Runs the demo.
@@ -97,6 +109,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.block_size == 0 {
         bail!("--block-size must be at least 1");
     }
+    if args.serve {
+        return crate::serve::demo::run(&args);
+    }
     let dir = match &args.tokenizer_dir {
         Some(dir) => dir.clone(),
         None => default_tokenizer_dir()?,
@@ -105,7 +120,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let template = tokenizer.chat_template(None, false).context("the model ships no chat template")?;
 
     // Tokenize the workload once: both policies see identical requests.
-    let workload = workload(&args);
+    let reply_tokens = args.max_tokens.unwrap_or(REPLY_TOKENS);
+    let workload = workload(args.seed, args.conversations, args.turns, MODEL, reply_tokens);
     let mut requests = Vec::with_capacity(workload.len());
     for turn in &workload {
         let InferenceRequest::Chat(chat) =
@@ -134,7 +150,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The Qwen3 tokenizer directory the set-up script fills.
-fn default_tokenizer_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn default_tokenizer_dir() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("KVMESH_TOKENIZERS") {
         Some(dir) => PathBuf::from(dir),
         None => {
@@ -203,7 +219,7 @@ fn simulate(
                 model: MODEL,
                 hashes,
                 prompt_tokens: tokens.len() as u64,
-                expected_output_tokens: Some(REPLY_TOKENS),
+                expected_output_tokens: Some(args.max_tokens.unwrap_or(REPLY_TOKENS)),
                 block_size: args.block_size,
                 now_ms: wave_no as u64 * 1_000,
             };
@@ -376,9 +392,15 @@ const WORDS: &[&str] = &[
 ];
 
 /// The workload: every conversation's turns, round by round (turn 1 of all in random order, then
-/// turn 2 of all, ...).
-fn workload(args: &DemoArgs) -> Vec<Turn> {
-    let mut rng = SplitMix64::new(args.seed ^ 0x5eed);
+/// turn 2 of all, ...), as chat bodies for `model` with `max_tokens` each.
+pub(crate) fn workload(
+    seed: u64,
+    conversations: usize,
+    turns: usize,
+    model: &str,
+    max_tokens: u64,
+) -> Vec<Turn> {
+    let mut rng = SplitMix64::new(seed ^ 0x5eed);
     let text = |rng: &mut SplitMix64, words: u64| -> String {
         let mut s = String::new();
         for i in 0..words {
@@ -392,12 +414,11 @@ fn workload(args: &DemoArgs) -> Vec<Turn> {
     };
     // A few long system prompts shared across conversations, as agents and products have.
     let systems: Vec<String> = (0..4).map(|_| text(&mut rng, 320)).collect();
-    let mut histories: Vec<Vec<(String, String)>> = (0..args.conversations)
-        .map(|c| vec![("system".to_owned(), systems[c % systems.len()].clone())])
-        .collect();
-    let mut turns = Vec::with_capacity(args.conversations * args.turns);
-    let mut order: Vec<usize> = (0..args.conversations).collect();
-    for turn in 0..args.turns {
+    let mut histories: Vec<Vec<(String, String)>> =
+        (0..conversations).map(|c| vec![("system".to_owned(), systems[c % systems.len()].clone())]).collect();
+    let mut out = Vec::with_capacity(conversations * turns);
+    let mut order: Vec<usize> = (0..conversations).collect();
+    for turn in 0..turns {
         // Users do not take turns in a fixed order: shuffle arrivals within each round of turns.
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i as u64 + 1) as usize);
@@ -406,21 +427,21 @@ fn workload(args: &DemoArgs) -> Vec<Turn> {
             let history = &mut histories[conversation];
             let words = 40 + rng.below(80);
             history.push(("user".to_owned(), text(&mut rng, words)));
-            turns.push(Turn { conversation, turn, body: chat_body(history) });
+            out.push(Turn { conversation, turn, body: chat_body(history, model, max_tokens) });
             let words = 60 + rng.below(90);
             history.push(("assistant".to_owned(), text(&mut rng, words)));
         }
     }
-    turns
+    out
 }
 
 /// An OpenAI chat request body for a conversation so far.
-fn chat_body(history: &[(String, String)]) -> String {
+fn chat_body(history: &[(String, String)], model: &str, max_tokens: u64) -> String {
     let messages: Vec<serde_json::Value> = history
         .iter()
         .map(|(role, content)| serde_json::json!({ "role": role, "content": content }))
         .collect();
-    serde_json::json!({ "model": MODEL, "messages": messages, "max_tokens": REPLY_TOKENS }).to_string()
+    serde_json::json!({ "model": model, "messages": messages, "max_tokens": max_tokens }).to_string()
 }
 
 /// The human-readable report.
@@ -485,7 +506,7 @@ fn report(args: &DemoArgs, dir: &std::path::Path, results: &[PolicyResult]) -> S
     out
 }
 
-fn policy_name(kind: PolicyKind) -> String {
+pub(crate) fn policy_name(kind: PolicyKind) -> String {
     serde_json::to_value(kind)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod serve;
 mod tokenize;
 
 /// KV-cache-aware routing for LLM inference fleets behind Envoy.
@@ -16,7 +17,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Route a built-in multi-turn chat workload over a simulated fleet and print where it went.
+    /// Run a whole fleet on this machine: nats-server, the control plane, workers (simulated or real
+    /// engines) with their agents, and Envoy with the kvmesh filter; Ctrl-C stops everything.
+    Serve(Box<serve::ServeArgs>),
+    /// Route a built-in multi-turn chat workload over a simulated fleet and print where it went
+    /// (in-process, or with --serve through a live `kvmesh serve` fleet).
     Demo(demo::DemoArgs),
     /// Print the token ids the engine computes for text (or, with --request, an OpenAI request) on stdin.
     Tokenize(tokenize::TokenizeArgs),
@@ -31,6 +36,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve::run(*args),
         Command::Demo(args) => demo::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::ControlPlane(args) => kvmesh_control_plane::run(args),
