@@ -275,10 +275,31 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
         .map_err(SimError::Runtime)?;
     runtime.block_on(async {
         let sim = start(config).await?;
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot wait for Ctrl-C; stopping");
-        }
+        shutdown_signal().await;
         sim.shutdown().await;
         Ok(())
     })
+}
+
+/// Resolves on SIGINT or SIGTERM (what `kvmesh serve` and process managers send).
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot wait for SIGTERM; only Ctrl-C stops the sim");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "cannot wait for Ctrl-C; stopping");
+            }
+        }
+        () = terminate => {}
+    }
 }
