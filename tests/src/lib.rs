@@ -12,6 +12,7 @@ pub mod envoy;
 pub mod fleet;
 pub mod http;
 pub mod nats;
+pub mod vllm;
 
 use std::collections::HashSet;
 use std::fs::{self, File};
