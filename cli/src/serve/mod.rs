@@ -27,7 +27,7 @@ use anyhow::bail;
 use clap::{Args, ValueEnum};
 use kvmesh_core::PolicyKind;
 
-pub use engines::{Backend, SimEngine, TransferBackend};
+pub use engines::{Backend, Device, SimEngine, TransferBackend};
 pub use fleet::{Fleet, Interrupted, StartOptions};
 pub use progress::Progress;
 
@@ -81,7 +81,7 @@ pub struct ServeArgs {
     /// Envoy's listener address (0.0.0.0 serves other machines too).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
     pub listen: String,
-    /// Tokens per KV block (default: the engine's, 16; TensorRT-LLM's 32).
+    /// Tokens per KV block (default: the engine's, 16; TensorRT-LLM's and vLLM's CPU build 32).
     #[arg(long, value_name = "TOKENS")]
     pub block_size: Option<u32>,
     /// Namespace of the NATS subjects.
@@ -111,6 +111,22 @@ pub struct ServeArgs {
     /// Sim: simulated time runs this many times faster than real time.
     #[arg(long, value_name = "FACTOR", default_value_t = 1.0)]
     pub sim_speedup: f64,
+    /// vLLM: where the engines run. `cpu` runs vLLM's CPU build: float32, eager mode, block size
+    /// 32, each engine's OpenMP threads bound to its own core, loopback-only, private temp and cache
+    /// directories, no GPUs.
+    #[arg(long, value_enum, default_value = "gpu")]
+    pub device: Device,
+    /// vLLM: run `PYTHON -m vllm.entrypoints.openai.api_server` instead of `vllm serve` (e.g. the
+    /// virtualenv `make setup-vllm` builds, whose `vllm serve` fails).
+    #[arg(long, value_name = "PYTHON")]
+    pub vllm_python: Option<PathBuf>,
+    /// vLLM: load the model from this local directory and serve it under --model (also where the
+    /// tokenizer files are looked for first; no hub is contacted).
+    #[arg(long, value_name = "DIR")]
+    pub model_path: Option<PathBuf>,
+    /// vLLM: KV-cache size of each engine in bytes (`--kv-cache-memory-bytes`).
+    #[arg(long, value_name = "BYTES")]
+    pub kv_cache_bytes: Option<u64>,
     /// Real engines: GPUs per worker (worker i gets the next N; more than one means tensor parallel).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub gpus_per_worker: u32,
@@ -162,6 +178,20 @@ impl ServeArgs {
         }
         if self.backend != Backend::Sim && self.sim_kv_blocks.is_some() {
             bail!("--sim-kv-blocks applies to --backend sim only");
+        }
+        if self.backend != Backend::Vllm {
+            let vllm_only = [
+                ("--device cpu", self.device == Device::Cpu),
+                ("--vllm-python", self.vllm_python.is_some()),
+                ("--model-path", self.model_path.is_some()),
+                ("--kv-cache-bytes", self.kv_cache_bytes.is_some()),
+            ];
+            if let Some((flag, _)) = vllm_only.iter().find(|(_, given)| *given) {
+                bail!("{flag} applies to --backend vllm only");
+            }
+        }
+        if self.kv_cache_bytes == Some(0) {
+            bail!("--kv-cache-bytes must be at least 1");
         }
         if self.backend == Backend::Sglang && self.kv_transfer_backend == TransferBackend::Ucx {
             bail!("--kv-transfer-backend ucx is TensorRT-LLM's; SGLang transfers KV with nixl or mooncake");
@@ -218,7 +248,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e),
     };
     fleet.print_ready();
-    match fleet.watch() {
+    match fleet.watch(&progress) {
         Ok(signal) => {
             progress.note(&format!("kvmesh serve: {signal}: stopping every process"));
             fleet.finish();

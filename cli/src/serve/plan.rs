@@ -11,7 +11,7 @@ use kvmesh_control_plane::config::{Config as ControlPlaneConfig, ModelConfig};
 use kvmesh_core::{Engine, Role, RoutingConfig, WorkerInfo, WorkerState};
 
 use super::bootstrap::{self, Bootstrap};
-use super::engines::{self, Backend, EngineContext, SimEngine, Worker};
+use super::engines::{self, Backend, Device, EngineContext, SimEngine, Worker};
 use super::locate::{self, Located};
 use super::{FilterMode, ServeArgs};
 
@@ -91,6 +91,8 @@ pub struct Plan {
     pub model: String,
     /// The workers' backend.
     pub backend: Backend,
+    /// Where vLLM engines run.
+    pub device: Device,
     /// The wire formats the workers speak.
     pub engine: SimEngine,
     /// Listener address of Envoy.
@@ -103,6 +105,8 @@ pub struct Plan {
     pub processes: Vec<ProcessSpec>,
     /// Files to write first.
     pub files: Vec<ConfigFile>,
+    /// Directories to create first (each vLLM CPU engine's private temp and cache directories).
+    pub dirs: Vec<PathBuf>,
     /// Where logs and generated files go.
     pub run_dir: PathBuf,
     /// Whether serve chose the run dir (then it removes it after a clean stop).
@@ -141,7 +145,8 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
     args.validate()?;
     let disaggregated = args.prefill.is_some();
     let engine = args.backend.engine(args.sim_engine);
-    let block_size = args.block_size.unwrap_or_else(|| args.backend.default_block_size(args.sim_engine));
+    let block_size =
+        args.block_size.unwrap_or_else(|| args.backend.default_block_size(args.sim_engine, args.device));
     let mut picker = PortPicker { taken: HashSet::from([args.port, args.admin_port]) };
     let ports = Ports {
         listen: args.port,
@@ -156,7 +161,9 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
         None => (std::env::temp_dir().join(format!("kvmesh-serve-{}", std::process::id())), true),
     };
     let kvmesh = std::env::current_exe().context("find the kvmesh executable")?;
-    let tokenizer = locate::tokenizer_dir(args.tokenizer_dir.as_deref(), &args.model);
+    // A local model directory holds its tokenizer files too.
+    let tokenizer_flag = args.tokenizer_dir.as_deref().or(args.model_path.as_deref());
+    let tokenizer = locate::tokenizer_dir(tokenizer_flag, &args.model);
     if !args.dry_run {
         // The control plane's configuration names the directory: say how to get the files first.
         tokenizer.require(&format!("tokenizer files of {}", args.model))?;
@@ -177,6 +184,7 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
     for (index, (name, role)) in roles.into_iter().enumerate() {
         let gpus = match args.backend {
             Backend::Sim => Vec::new(),
+            Backend::Vllm if args.device == Device::Cpu => Vec::new(),
             _ => {
                 let n = args.gpus_per_worker;
                 (index as u32 * n..(index as u32 + 1) * n).collect()
@@ -211,6 +219,11 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
     let mut required = vec![("nats-server".to_owned(), nats.clone()), ("Envoy".to_owned(), envoy.clone())];
     required.push(("the filter module kvmesh_filter.wasm".to_owned(), wasm.clone()));
     required.push((format!("tokenizer files of {}", args.model), tokenizer.clone()));
+    if let Some(dir) = &args.model_path {
+        let found = dir.join("config.json").is_file();
+        let hint = "; --model-path must be a model directory with config.json".to_owned();
+        required.push(("the model (--model-path)".to_owned(), Located { path: dir.clone(), found, hint }));
+    }
 
     processes.push(ProcessSpec {
         name: "nats-server".into(),
@@ -255,7 +268,18 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
         run_dir: &run_dir,
         nats_url: &nats_url,
         namespace: &args.namespace,
+        device: args.device,
+        vllm_python: args.vllm_python.as_deref(),
+        model_path: args.model_path.as_deref(),
+        kv_cache_bytes: args.kv_cache_bytes,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
+    let mut dirs = Vec::new();
+    if args.backend == Backend::Vllm && args.device == Device::Cpu {
+        for w in &workers {
+            dirs.extend(engines::cpu_dirs(&run_dir, w));
+        }
+    }
     // Agents first: each binds the socket its engine's KV-event publisher connects to.
     for w in &workers {
         processes.push(engines::agent(&ctx, w));
@@ -324,12 +348,14 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
     Ok(Plan {
         model: args.model.clone(),
         backend: args.backend,
+        device: args.device,
         engine,
         listen: args.listen.clone(),
         ports,
         workers,
         processes,
         files,
+        dirs,
         run_dir,
         run_dir_is_temporary,
         admin_token,

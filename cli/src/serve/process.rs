@@ -1,6 +1,7 @@
 //! The children of `kvmesh serve`: each in its own process group with its output in a log file,
 //! told to stop when serve dies, and stopped as a whole group (SIGTERM, then SIGKILL after a grace
-//! period) so nothing an engine started survives it. Also the SIGINT/SIGTERM flag serve polls.
+//! period) so nothing an engine started survives it, nor the POSIX shared memory it left in
+//! `/dev/shm`. Also the SIGINT/SIGTERM flag serve polls.
 
 use std::fs::File;
 use std::io::{self, Read as _, Seek as _, SeekFrom};
@@ -16,6 +17,10 @@ use super::plan::ProcessSpec;
 
 /// How long children get between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a real engine gets: vLLM's API server stops its engine core and workers (2.6 s measured
+/// on an idle 2-core machine, much more on a loaded one), and Python's resource tracker then
+/// unlinks their shared memory.
+pub const ENGINE_STOP_GRACE: Duration = Duration::from_secs(30);
 
 // ---- signals ------------------------------------------------------------------------------------
 
@@ -120,6 +125,27 @@ impl Running {
         rc != 0 || unsafe { info.si_pid() } != 0
     }
 
+    /// How the child ended, in words (`exit status: 1`, `signal: 9`), without reaping it.
+    pub fn exit_summary(&self) -> String {
+        if let Some(status) = self.status {
+            return status.to_string();
+        }
+        let pid: libc::id_t = self.child.id();
+        // SAFETY: an all-zero siginfo_t is valid; waitid only writes into it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child with WNOWAIT leaves it waitable for Child::wait.
+        let rc = unsafe {
+            libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
+        };
+        // SAFETY: si_pid and si_status are valid to read after a successful waitid.
+        let (exited, status) = unsafe { (info.si_pid(), info.si_status()) };
+        match info.si_code {
+            _ if rc != 0 || exited == 0 => "status unknown".to_owned(),
+            libc::CLD_EXITED => format!("exit status: {status}"),
+            _ => format!("signal: {status}"),
+        }
+    }
+
     /// Sends `signal` to the child's whole process group, unless the child was reaped already.
     fn signal_group(&self, signal: libc::c_int) {
         if self.status.is_some() {
@@ -131,6 +157,24 @@ impl Running {
         unsafe {
             libc::kill(-pgid, signal);
         }
+    }
+
+    /// Live processes of the child's process group, the child included while it runs. Empty once
+    /// reaped (its group id may then belong to someone else).
+    fn group_members(&self) -> Vec<u32> {
+        if self.status.is_some() {
+            return Vec::new();
+        }
+        group_members(self.child.id())
+    }
+
+    /// Files under `/dev/shm` its group has mapped now (POSIX shared memory and semaphores).
+    fn shared_memory(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> =
+            self.group_members().into_iter().flat_map(shared_memory_files).collect();
+        files.sort();
+        files.dedup();
+        files
     }
 
     /// Reaps the child (after it exited) and returns its status.
@@ -175,49 +219,118 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Live (not zombie) processes whose process group is `pgid`, the leader included.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+            // After the parenthesised command name: state, ppid, pgrp, ...
+            let Some((_, rest)) = stat.rsplit_once(") ") else { return false };
+            let fields: Vec<&str> = rest.split(' ').collect();
+            fields.first() != Some(&"Z") && fields.get(2).and_then(|g| g.parse().ok()) == Some(pgid)
+        })
+        .collect()
+}
+
+/// Files under `/dev/shm` that process `pid` has mapped.
+fn shared_memory_files(pid: u32) -> Vec<PathBuf> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .filter(|path| path.starts_with("/dev/shm/"))
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// How serve treats one child.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Stop stage: children of a higher stage are stopped before those of a lower one (Envoy and
+    /// the workers before the control plane, the control plane before NATS).
+    pub stage: u8,
+    /// Time between SIGTERM and SIGKILL to its group.
+    pub grace: Duration,
+    /// Whether the fleet goes on without it once ready (a worker or an agent).
+    pub expendable: bool,
+}
+
 /// Every child serve started, in start order; stopping them all on drop.
 #[derive(Default)]
 pub struct Children {
-    /// Each child with its stop stage: higher stages stop first.
-    running: Vec<(Running, u8)>,
+    /// Each child with how it is treated.
+    running: Vec<(Running, Policy)>,
 }
 
 impl Children {
-    /// Adds a started child; children of a higher `stage` are stopped before those of a lower one
-    /// (Envoy and the workers before the control plane, the control plane before NATS).
-    pub fn push(&mut self, child: Running, stage: u8) {
-        self.running.push((child, stage));
+    /// Adds a started child.
+    pub fn push(&mut self, child: Running, policy: Policy) {
+        self.running.push((child, policy));
     }
 
-    /// The first child that exited on its own, if any.
-    pub fn first_exited(&self) -> Option<&Running> {
-        self.running.iter().map(|(c, _)| c).find(|c| c.has_exited())
+    /// The first child that exited on its own, if any, and whether the fleet may go on without it.
+    pub fn first_exited(&self) -> Option<(&Running, bool)> {
+        self.running.iter().find(|(c, _)| c.has_exited()).map(|(c, p)| (c, p.expendable))
     }
 
-    /// Stops every child, stage by stage: SIGTERM to each group of the stage, up to [`STOP_GRACE`]
-    /// for them to exit, then SIGKILL to those groups (which also clears out anything they
-    /// started). Then reaps them all. Returns each child's name and exit status.
+    /// Whether a child named `name` is still watched (it has not exited and been removed).
+    pub fn contains(&self, name: &str) -> bool {
+        self.running.iter().any(|(c, _)| c.name == name)
+    }
+
+    /// Removes the child `name`, which exited on its own: stops what is left of its process group
+    /// (an engine's own helpers), removes the shared memory they held, reaps it and returns its
+    /// exit status.
+    pub fn remove_exited(&mut self, name: &str) -> Option<ExitStatus> {
+        let at = self.running.iter().position(|(c, _)| c.name == name)?;
+        stop_groups(&[&self.running[at].0], self.running[at].1.grace);
+        let (mut child, _) = self.running.remove(at);
+        child.reap()
+    }
+
+    /// Stops every child, stage by stage (see [`stop_groups`]), then reaps them all. Returns each
+    /// child's name and exit status.
     pub fn stop_all(&mut self) -> Vec<(String, Option<ExitStatus>)> {
-        let mut stages: Vec<u8> = self.running.iter().map(|(_, s)| *s).collect();
+        let mut stages: Vec<u8> = self.running.iter().map(|(_, p)| p.stage).collect();
         stages.sort_unstable_by(|a, b| b.cmp(a));
         stages.dedup();
         for stage in stages {
             let group: Vec<&Running> =
-                self.running.iter().filter(|(_, s)| *s == stage).map(|(c, _)| c).collect();
-            for child in group.iter().rev() {
-                child.signal_group(libc::SIGTERM);
-            }
-            let deadline = Instant::now() + STOP_GRACE;
-            while Instant::now() < deadline && !group.iter().all(|c| c.has_exited()) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            for child in &group {
-                child.signal_group(libc::SIGKILL);
-            }
+                self.running.iter().filter(|(_, p)| p.stage == stage).map(|(c, _)| c).collect();
+            let grace = self.running.iter().filter(|(_, p)| p.stage == stage).map(|(_, p)| p.grace).max();
+            stop_groups(&group, grace.unwrap_or(STOP_GRACE));
         }
         let statuses = self.running.iter_mut().map(|(c, _)| (c.name.clone(), c.reap())).collect();
         self.running.clear();
         statuses
+    }
+}
+
+/// Stops the process groups of `children` (not yet reaped): SIGTERM to each, up to `grace` for
+/// every process in them to exit, then SIGKILL to the groups (which also clears out anything they
+/// started). Shared memory in `/dev/shm` they had mapped and left behind is removed: Python's
+/// resource tracker unlinks it after a clean exit, but a SIGKILL or a crash leaves it taken until
+/// the machine restarts.
+fn stop_groups(children: &[&Running], grace: Duration) {
+    let shared: Vec<PathBuf> = children.iter().flat_map(|c| c.shared_memory()).collect();
+    for child in children.iter().rev() {
+        child.signal_group(libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && !children.iter().all(|c| c.group_members().is_empty()) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for child in children {
+        child.signal_group(libc::SIGKILL);
+    }
+    // The killed need a moment to be gone before their files are removed from under them.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && !children.iter().all(|c| c.group_members().is_empty()) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for path in shared {
+        let _ = std::fs::remove_file(path);
     }
 }
 

@@ -37,6 +37,13 @@ impl Progress {
         }
     }
 
+    /// What start-up still waits for (real engines take minutes).
+    pub fn waiting(&self, what: &str) {
+        if !self.quiet {
+            eprintln!("  waiting for {what} {:>6.1}s", self.start.elapsed().as_secs_f64());
+        }
+    }
+
     /// A warning (always shown).
     pub fn warn(&self, text: &str) {
         eprintln!("  warning: {text}");
