@@ -11,7 +11,7 @@ SHELL := bash
 ENV := . scripts/env.sh &&
 CARGO := $(ENV) cargo
 
-.PHONY: help setup setup-vllm build wasm lint test bench demo clean
+.PHONY: help setup setup-vllm build wasm lint test bench bench-envoy demo clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -43,6 +43,13 @@ test: setup setup-vllm wasm lint ## setup, setup-vllm, wasm, lint, then every te
 
 bench: ## Run the kvmesh-core benchmarks (criterion).
 	@$(CARGO) bench -p kvmesh-core
+
+# Not part of `test`: ~25 minutes of real Envoys under load (bench/README.md). ARGS="--quick" for a
+# smoke run. filter-stages is the filter's pipeline built for wasm, timed in node's V8 beside Envoy.
+bench-envoy: setup wasm ## Envoy with and without the filter: added latency, throughput, start-up.
+	@$(CARGO) build -p kvmesh-bench --bin filter-stages --target wasm32-wasip1 --profile wasm
+	@$(CARGO) run --release -p kvmesh-bench --bin envoy-overhead -- \
+		--v8-stages "$$CARGO_TARGET_DIR/wasm32-wasip1/wasm/filter-stages.wasm" $(ARGS)
 
 demo: setup wasm ## Start a simulated fleet behind Envoy (kvmesh serve), send a chat workload, compare policies.
 	@$(CARGO) run -p kvmesh-cli -- demo --serve
