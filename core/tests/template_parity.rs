@@ -78,6 +78,12 @@ fn check_fixture(name: &str) {
         };
         assert_eq!(template.content_format(), want_format, "{name}: content format");
         let rendered = template.render(&request, &RenderOptions::default());
+        // A known template renders natively where it can: the interpreter must agree with it.
+        let interpreted = template.render_interpreted(&request, &RenderOptions::default());
+        if rendered.as_ref().ok() != interpreted.as_ref().ok() {
+            failures.push(format!("{case_name}: native and minijinja renderings differ"));
+            continue;
+        }
         match (case.rendered.as_deref(), rendered) {
             (Some(want), Ok(got)) => {
                 if got != want {
@@ -110,6 +116,20 @@ fn check_fixture(name: &str) {
 #[test]
 fn qwen3_renders_as_transformers() {
     check_fixture("qwen3");
+}
+
+#[test]
+fn qwen3_has_a_native_renderer() {
+    let dir = tokenizer_root().join("qwen3");
+    let (json, config) = (read(&dir.join("tokenizer.json")), read(&dir.join("tokenizer_config.json")));
+    let files = TokenizerFiles {
+        tokenizer_json: &json,
+        tokenizer_config_json: Some(&config),
+        chat_template_jinja: None,
+    };
+    let tokenizer = Tokenizer::from_files(files).expect("Qwen3 loads");
+    let template = tokenizer.chat_template(None, false).expect("Qwen3 has a template");
+    assert_eq!(template.native(), Some(kvmesh_core::template::Native::Qwen3));
 }
 
 #[test]

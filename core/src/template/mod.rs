@@ -27,6 +27,10 @@ use serde_json::value::RawValue;
 
 use crate::request::{ChatMessage, ChatRequest, ContentPart, MessageContent};
 
+mod native;
+
+pub use native::Native;
+
 /// Name of the one template held by each [`ChatTemplate`]'s environment.
 const TEMPLATE_NAME: &str = "chat";
 
@@ -117,6 +121,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     format: ContentFormat,
     specials: SpecialTokens,
+    /// A native renderer for this exact source, used for the requests it covers.
+    native: Option<Native>,
 }
 
 impl ChatTemplate {
@@ -136,7 +142,12 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| TemplateError::Compile { reason: format!("{e:#}") })?;
-        Ok(ChatTemplate { env, format: detect_content_format(source), specials })
+        Ok(ChatTemplate {
+            env,
+            format: detect_content_format(source),
+            specials,
+            native: Native::detect(source),
+        })
     }
 
     /// How this template reads message content.
@@ -144,9 +155,29 @@ impl ChatTemplate {
         self.format
     }
 
+    /// The native renderer of this template, if its source is one we know (see [`Native`]).
+    pub fn native(&self) -> Option<Native> {
+        self.native
+    }
+
     /// Renders `request` as vLLM does (`add_generation_prompt` and `continue_final_message` as the
-    /// request says, unless its `chat_template_kwargs` override them).
+    /// request says, unless its `chat_template_kwargs` override them): natively when this is a
+    /// known template and the request is in the form its native renderer covers, else through
+    /// minijinja. Both give the same text.
     pub fn render(
+        &self,
+        request: &ChatRequest<'_>,
+        options: &RenderOptions<'_>,
+    ) -> Result<String, TemplateError> {
+        if let Some(text) = self.native.and_then(|n| n.render(request, options.default_kwargs)) {
+            return Ok(text);
+        }
+        self.render_interpreted(request, options)
+    }
+
+    /// Renders `request` through minijinja even where a native renderer applies (parity checks
+    /// and benchmarks).
+    pub fn render_interpreted(
         &self,
         request: &ChatRequest<'_>,
         options: &RenderOptions<'_>,
