@@ -8,12 +8,13 @@ use super::{TokenizeError, Tokenizer, estimate};
 use crate::hash::{BlockHash, BlockHasher, BlockSalt, TokenId};
 
 /// How far [`encode_pieces`] got.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Outcome {
     /// The whole text is encoded.
     Complete,
-    /// The check asked to stop; the text from byte `rest` on was not encoded.
-    Stopped { rest: usize },
+    /// The check asked to stop; the text from byte `rest` on was not encoded. `added_correction`
+    /// is [`estimate::added_token_correction`] summed over the added tokens before `rest`.
+    Stopped { rest: usize, added_correction: f32 },
 }
 
 /// The result of [`Encoder::walk_blocks`]: exact block hashes as far as some worker could hold the
@@ -142,11 +143,11 @@ impl Encoder {
             // model runs at most about a block past the first miss.
             encode_pieces(&inner.engine, text, scratch, Some(cache), block_size.max(1), tokens, &mut check)?
         } else {
-            Outcome::Stopped { rest: 0 }
+            Outcome::Stopped { rest: 0, added_correction: 0.0 }
         };
         let (exact, total_tokens) = match outcome {
             // Stopped on the text's last ids: nothing is left to estimate.
-            Outcome::Stopped { rest } if rest >= text.len() => {
+            Outcome::Stopped { rest, .. } if rest >= text.len() => {
                 tokens.extend_from_slice(suffix);
                 (true, tokens.len())
             }
@@ -155,10 +156,13 @@ impl Encoder {
                 check(tokens);
                 (true, tokens.len())
             }
-            Outcome::Stopped { rest } => {
+            Outcome::Stopped { rest, added_correction } => {
                 let (done, left) = text.split_at_checked(rest).unwrap_or((text, ""));
                 let text_tokens = tokens.len() - prefix.len();
-                let estimate = estimate::remaining_tokens(&inner.engine, done, text_tokens, left);
+                // The exact part's prior, added tokens counted as one each, without splitting it
+                // into pieces again: its added tokens were met on the way.
+                let done_prior = estimate::prior(done) + added_correction;
+                let estimate = estimate::remaining_tokens(&inner.engine, done_prior, text_tokens, left);
                 (false, tokens.len() + estimate + suffix.len())
             }
         };
@@ -189,23 +193,28 @@ fn encode_pieces(
     tokens: &mut Vec<TokenId>,
     check: &mut dyn FnMut(&[TokenId]) -> bool,
 ) -> Result<Outcome, TokenizeError> {
+    // Where the previous piece ended, and the estimate's correction for the added tokens so far.
+    let (mut last_end, mut added_correction) = (0, 0.0);
     for piece in engine.pieces(text) {
         let (segment, start) = match piece {
             Piece::Added { id, end } => {
                 tokens.push(id);
+                added_correction += estimate::added_token_correction(text.get(last_end..end).unwrap_or(""));
+                last_end = end;
                 if !check(tokens) {
-                    return Ok(Outcome::Stopped { rest: end });
+                    return Ok(Outcome::Stopped { rest: end, added_correction });
                 }
                 continue;
             }
             Piece::Text { text, start } => (text, start),
         };
         let end = start + segment.len();
+        last_end = end;
         let at_start = start == 0;
         if let Some(ids) = cache.as_deref_mut().and_then(|c| c.get(segment, at_start)) {
             tokens.extend_from_slice(ids);
             if !check(tokens) {
-                return Ok(Outcome::Stopped { rest: end });
+                return Ok(Outcome::Stopped { rest: end, added_correction });
             }
             continue;
         }
@@ -220,7 +229,9 @@ fn encode_pieces(
                     cache.insert(segment, at_start, &tokens[from..]);
                 }
             }
-            Progress::Stopped { consumed } => return Ok(Outcome::Stopped { rest: start + consumed }),
+            Progress::Stopped { consumed } => {
+                return Ok(Outcome::Stopped { rest: start + consumed, added_correction });
+            }
         }
     }
     Ok(Outcome::Complete)

@@ -18,7 +18,9 @@ use super::engine::{Engine, Piece};
 /// characters of 2, 3 and 4 UTF-8 bytes.
 const WEIGHTS: [f32; 7] = [0.30, 0.70, 0.10, 0.60, 0.64, 0.89, 2.5];
 
-/// Class of each byte for [`WEIGHTS`]; `NONE` for UTF-8 continuation bytes.
+/// Class of each byte for [`WEIGHTS`]; `NONE` for UTF-8 continuation bytes. The definition
+/// [`class_counts`] is tested against.
+#[cfg(test)]
 const CLASS: [u8; 256] = {
     let mut table = [NONE; 256];
     let mut b = 0;
@@ -37,6 +39,7 @@ const CLASS: [u8; 256] = {
     }
     table
 };
+#[cfg(test)]
 const NONE: u8 = 7;
 
 /// Estimated tokens of the exact part at which the correction is trusted halfway.
@@ -46,12 +49,35 @@ const CORRECTION_HALF_TOKENS: f32 = 256.0;
 const CORRECTION_RANGE: (f32, f32) = (0.5, 2.0);
 
 /// The prior estimate of `text`'s tokens, ignoring added tokens.
-fn prior(text: &str) -> f32 {
-    let mut counts = [0u32; 8];
-    for &b in text.as_bytes() {
-        counts[CLASS[b as usize] as usize] += 1;
-    }
+pub(crate) fn prior(text: &str) -> f32 {
+    let counts = class_counts(text.as_bytes());
     WEIGHTS.iter().zip(counts).map(|(w, n)| w * n as f32).sum()
+}
+
+/// Characters per class of [`WEIGHTS`] (as [`CLASS`] assigns them), counted with branch-free
+/// comparisons over chunks so the compiler vectorises them (SIMD natively and with wasm simd128):
+/// the prior runs over the whole exactly encoded part of every early-exit prompt.
+fn class_counts(bytes: &[u8]) -> [u32; 7] {
+    let mut counts = [0u32; 7];
+    // Chunks of at most 255 bytes: each lane's u8 sum cannot overflow.
+    for chunk in bytes.chunks(255) {
+        let (mut letter, mut digit, mut space, mut ascii) = (0u8, 0u8, 0u8, 0u8);
+        let (mut lead2, mut lead3, mut lead4) = (0u8, 0u8, 0u8);
+        for &b in chunk {
+            letter += u8::from((b | 0x20).wrapping_sub(b'a') < 26);
+            digit += u8::from(b.wrapping_sub(b'0') < 10);
+            space += u8::from(b == b' ' || b.wrapping_sub(b'\t') < 5);
+            ascii += u8::from(b < 0x80);
+            lead2 += u8::from(b & 0xe0 == 0xc0);
+            lead3 += u8::from(b & 0xf0 == 0xe0);
+            lead4 += u8::from(b >= 0xf0);
+        }
+        let other = ascii - letter - digit - space;
+        for (count, n) in counts.iter_mut().zip([letter, digit, space, other, lead2, lead3, lead4]) {
+            *count += u32::from(n);
+        }
+    }
+    counts
 }
 
 /// The prior estimate of `text`'s tokens, counting each added token as one.
@@ -65,11 +91,18 @@ fn prior_with_added(engine: &Engine, text: &str) -> f32 {
         .sum()
 }
 
-/// Tokens estimated for `rest`, the part of a prompt after `exact`, whose `exact_tokens` ids are
-/// known (the text's own ids, without any the post-processor adds).
-pub(crate) fn remaining_tokens(engine: &Engine, exact: &str, exact_tokens: usize, rest: &str) -> usize {
+/// What turns [`prior`] of a text into its prior with added tokens counted as one each, for one
+/// added token whose text (with whatever it strips) is `token_text`: class counts add up over
+/// concatenation, so this is exact.
+pub(crate) fn added_token_correction(token_text: &str) -> f32 {
+    1.0 - prior(token_text)
+}
+
+/// Tokens estimated for `rest`, the part of a prompt after an exactly encoded part whose prior
+/// (added tokens counted as one) is `exact_prior` and whose `exact_tokens` ids are known (the
+/// text's own ids, without any the post-processor adds).
+pub(crate) fn remaining_tokens(engine: &Engine, exact_prior: f32, exact_tokens: usize, rest: &str) -> usize {
     let rest_prior = prior_with_added(engine, rest);
-    let exact_prior = prior_with_added(engine, exact);
     let factor = if exact_prior > 0.0 {
         let (low, high) = CORRECTION_RANGE;
         let ratio = (exact_tokens as f32 / exact_prior).clamp(low, high);
@@ -84,6 +117,16 @@ pub(crate) fn remaining_tokens(engine: &Engine, exact: &str, exact_tokens: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_counts_agree_with_the_class_table() {
+        let text: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut want = [0u32; 8];
+        for &b in &text {
+            want[CLASS[b as usize] as usize] += 1;
+        }
+        assert_eq!(class_counts(&text)[..], want[..7]);
+    }
 
     #[test]
     fn classes_count_characters_not_bytes() {
