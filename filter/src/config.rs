@@ -75,6 +75,15 @@ pub struct FilterConfig {
     /// Longest request body routed, in bytes; longer ones get 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Reads the engine's `usage` from one routed response in this many (per VM) and compares its
+    /// cached tokens with the filter's prediction (`kvmesh_filter_accuracy_*_total`); 1 reads every
+    /// response, 0 none. Reading a response costs about 15 µs in Envoy (measured in `bench/`).
+    #[serde(default = "defaults::accuracy_sample_every")]
+    pub accuracy_sample_every: u32,
+    /// Adds `x-kvmesh-filter: <version>` to every response, to see from outside that the module ran.
+    /// Off by default: it costs a host call per response and tells clients what the proxy runs.
+    #[serde(default)]
+    pub response_header: bool,
 }
 
 /// The HTTP filter's view of the control plane's state (relayed by the state service).
@@ -154,6 +163,9 @@ mod defaults {
     pub fn early_exit() -> bool {
         true
     }
+    pub fn accuracy_sample_every() -> u32 {
+        10
+    }
 }
 
 /// One served model and its tokenizer, as the model ships the files.
@@ -195,6 +207,7 @@ impl FilterConfig {
         FilterConfig {
             max_body_bytes: default_max_body_bytes(),
             early_exit: defaults::early_exit(),
+            accuracy_sample_every: defaults::accuracy_sample_every(),
             ..FilterConfig::default()
         }
     }

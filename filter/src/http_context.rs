@@ -3,7 +3,7 @@
 //! and request headers are only written while they are paused (the SDK's trait methods panic on
 //! a host error, so only the Result-returning `hostcalls` are used here).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +17,7 @@ use crate::accuracy::AccuracyMetrics;
 use crate::metrics::Metrics;
 use crate::router::{RejectKind, Rejected, Routed, Router};
 
-/// Response header the filter adds to every response, so tests can see the module ran.
+/// Response header the filter adds to every response when `response_header` is on.
 pub const FILTER_HEADER: &str = "x-kvmesh-filter";
 /// The value of [`FILTER_HEADER`]: this crate's version.
 pub const FILTER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -33,6 +33,25 @@ pub(crate) struct VmState {
     pub(crate) metrics: Metrics,
     /// Predicted against reported cached tokens.
     pub(crate) accuracy: AccuracyMetrics,
+    /// Read `usage` from one routed response in this many (0: never).
+    pub(crate) accuracy_sample_every: u32,
+    /// Routed responses since the last one read.
+    pub(crate) accuracy_skipped: Cell<u32>,
+    /// Whether every response gets [`FILTER_HEADER`].
+    pub(crate) response_header: bool,
+}
+
+impl VmState {
+    /// Whether this routed response's `usage` is read: the first of every `accuracy_sample_every`.
+    fn sample_accuracy(&self) -> bool {
+        let every = self.accuracy_sample_every;
+        if every == 0 {
+            return false;
+        }
+        let skipped = self.accuracy_skipped.get();
+        self.accuracy_skipped.set(if skipped + 1 >= every { 0 } else { skipped + 1 });
+        skipped == 0
+    }
 }
 
 /// Where a request is in the filter.
@@ -211,12 +230,13 @@ impl HttpContext for KvmeshHttp {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // Response headers are still ours to change in this callback (they have not been forwarded).
-        if let Err(status) =
-            hostcalls::add_map_value(MapType::HttpResponseHeaders, FILTER_HEADER, FILTER_VERSION)
+        if self.state.response_header
+            && let Err(status) =
+                hostcalls::add_map_value(MapType::HttpResponseHeaders, FILTER_HEADER, FILTER_VERSION)
         {
             log::debug!("kvmesh filter: cannot add {FILTER_HEADER}: {status:?}");
         }
-        if matches!(self.phase, Phase::Routed(_)) && !end_of_stream {
+        if matches!(self.phase, Phase::Routed(_)) && !end_of_stream && self.state.sample_accuracy() {
             let header = |name| hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten();
             let ok = header(":status").is_some_and(|s| s == "200");
             // Only successful JSON or event-stream answers carry `usage`; compressed ones are not read.

@@ -2,7 +2,7 @@
 //! (loads static models and workers, follows the relayed control-plane state on a timer, makes HTTP
 //! contexts) or the state service (holds the stream; see `service.rs`).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -160,7 +160,14 @@ impl RootContext for KvmeshRoot {
                 metrics.model_loaded_n(router.model_count());
                 // A reconfigured plugin starts over: state of the old configuration is dropped.
                 let accuracy = AccuracyMetrics::define();
-                self.role = Role::Http(Rc::new(VmState { router: RefCell::new(router), metrics, accuracy }));
+                self.role = Role::Http(Rc::new(VmState {
+                    router: RefCell::new(router),
+                    metrics,
+                    accuracy,
+                    accuracy_sample_every: config.accuracy_sample_every,
+                    accuracy_skipped: Cell::new(0),
+                    response_header: config.response_header,
+                }));
                 self.tried.clear();
                 self.follower = None;
                 if let Some(state) = config.state {

@@ -11,7 +11,9 @@ const FILTER_VERSION: &str = env!("CARGO_PKG_VERSION");
 #[test]
 fn post_passes_through_filter_to_upstream_intact() {
     let upstream = EchoUpstream::start();
-    let envoy = Envoy::start(EnvoyConfig::new(vec![upstream.port()]));
+    let mut config = EnvoyConfig::new(vec![upstream.port()]);
+    config.plugin_config = r#"{"response_header":true}"#.to_owned();
+    let envoy = Envoy::start(config);
 
     let body =
         br#"{"model":"qwen3","messages":[{"role":"user","content":"hello \u00e9 world"}],"max_tokens":8}"#;

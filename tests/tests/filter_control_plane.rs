@@ -42,8 +42,9 @@ fn filter_routes_on_control_plane_state_and_survives_its_loss() {
     cp.wait_for_workers(&ids);
 
     let mut config = EnvoyConfig::new(sims.iter().map(|s| s.port).collect());
-    config.plugin_config =
-        format!(r#"{{"state":{{"ttl_ms":{STATE_TTL_MS}}},"max_body_bytes":{MAX_BODY_BYTES}}}"#);
+    config.plugin_config = format!(
+        r#"{{"state":{{"ttl_ms":{STATE_TTL_MS}}},"max_body_bytes":{MAX_BODY_BYTES},"accuracy_sample_every":1}}"#
+    );
     config.override_host_header = "x-gateway-destination-endpoint".to_string();
     config.control_plane_grpc_port = Some(cp.grpc_port);
     config.concurrency = CONCURRENCY;

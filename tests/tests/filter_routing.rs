@@ -77,6 +77,7 @@ fn filter_routes_on_cached_prefix_and_answers_errors() {
             scope.spawn(move || {
                 let resp = post_chat(envoy, &chat(&system_prompt(topic), "Hello"));
                 assert_eq!(resp.status, 200, "{}", resp.message.body_text());
+                assert_eq!(resp.header("x-kvmesh-filter"), None, "only with `response_header` on");
             });
         }
     });

@@ -296,7 +296,8 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
 
     let filter_config = match args.filter_mode {
         FilterMode::State => {
-            let mut config = serde_json::json!({ "state": {} });
+            // A local fleet reads every response's `usage`: accuracy is what one looks at here.
+            let mut config = serde_json::json!({ "state": {}, "accuracy_sample_every": 1 });
             if explicit_routing && let Some(routing) = routing {
                 config["routing"] = serde_json::to_value(routing)?;
             }
@@ -466,6 +467,7 @@ fn static_filter_config(
     let mut config = serde_json::json!({
         "models": [{ "name": model }],
         "workers": workers,
+        "accuracy_sample_every": 1,
     });
     if let Some(tokenizer) = read("tokenizer.json")? {
         config["models"][0]["tokenizer"] = serde_json::to_value(tokenizer)?;
