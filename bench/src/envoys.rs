@@ -15,6 +15,8 @@ use kvmesh_tests::envoy::EnvoyConfig;
 use kvmesh_tests::{Process, TempDir, envoy_binary, free_port, http, localhost, tokenizer_dir};
 use serde::{Deserialize, Serialize};
 
+use kvmesh_core::{PolicyKind, RoutingConfig};
+
 use crate::stages::BLOCK_SIZE;
 use crate::workload::MODEL;
 
@@ -41,12 +43,21 @@ pub enum Target {
     /// The module loaded with an empty configuration: it routes nothing, every request passes after
     /// the header callback (no pause, no body): the cost of having the Wasm filter at all.
     FilterPassthrough,
+    /// The filter with the kv-aware policy (what it runs with control-plane state): no fleet index
+    /// here, so its own recent decisions (optimistic entries) are what it matches, and early exit
+    /// stops exact tokenizing at the first block they do not hold.
+    FilterKvAware,
 }
 
 impl Target {
     /// Every target, in report order.
-    pub const ALL: [Target; 4] =
-        [Target::Plain, Target::Filter, Target::FilterNoSegmentCache, Target::FilterPassthrough];
+    pub const ALL: [Target; 5] = [
+        Target::Plain,
+        Target::Filter,
+        Target::FilterNoSegmentCache,
+        Target::FilterPassthrough,
+        Target::FilterKvAware,
+    ];
 
     /// Its name on the command line and in the tables.
     pub fn name(self) -> &'static str {
@@ -55,6 +66,7 @@ impl Target {
             Target::Filter => "filter",
             Target::FilterNoSegmentCache => "filter-no-segment-cache",
             Target::FilterPassthrough => "filter-passthrough",
+            Target::FilterKvAware => "filter-kv-aware",
         }
     }
 
@@ -65,7 +77,7 @@ impl Target {
 
     /// Whether the filter makes routing decisions here (so its decision metrics count).
     pub fn routes(self) -> bool {
-        matches!(self, Target::Filter | Target::FilterNoSegmentCache)
+        matches!(self, Target::Filter | Target::FilterNoSegmentCache | Target::FilterKvAware)
     }
 
     /// The bootstrap of this target in front of `upstream_ports`.
@@ -73,11 +85,17 @@ impl Target {
         Ok(match self {
             Target::Plain => plain_yaml(admin, listener, upstream_ports),
             Target::Filter => {
-                filter_yaml(admin, listener, upstream_ports, plugin_config(upstream_ports, None)?)
+                filter_yaml(admin, listener, upstream_ports, plugin_config(upstream_ports, None, None)?)
             }
             Target::FilterNoSegmentCache => {
-                filter_yaml(admin, listener, upstream_ports, plugin_config(upstream_ports, Some(0))?)
+                filter_yaml(admin, listener, upstream_ports, plugin_config(upstream_ports, Some(0), None)?)
             }
+            Target::FilterKvAware => filter_yaml(
+                admin,
+                listener,
+                upstream_ports,
+                plugin_config(upstream_ports, None, Some(PolicyKind::KvAware))?,
+            ),
             Target::FilterPassthrough => filter_yaml(admin, listener, upstream_ports, "{}".to_owned()),
         })
     }
@@ -190,8 +208,13 @@ pub fn filter_yaml(admin: u16, listener: u16, upstream_ports: &[u16], plugin_con
 }
 
 /// The filter's plugin configuration: Qwen3's tokenizer files inline, one static worker per upstream
-/// port (block size 16), the default policy; `segment_cache_bytes` overrides the segment cache size.
-pub fn plugin_config(upstream_ports: &[u16], segment_cache_bytes: Option<usize>) -> Result<String> {
+/// port (block size 16), the default policy unless `policy` names one; `segment_cache_bytes`
+/// overrides the segment cache size.
+pub fn plugin_config(
+    upstream_ports: &[u16],
+    segment_cache_bytes: Option<usize>,
+    policy: Option<PolicyKind>,
+) -> Result<String> {
     let dir = tokenizer_dir("qwen3");
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name)).with_context(|| format!("read {}", dir.join(name).display()))
@@ -205,10 +228,14 @@ pub fn plugin_config(upstream_ports: &[u16], segment_cache_bytes: Option<usize>)
             )
         })
         .collect();
-    let cache =
+    let mut extra =
         segment_cache_bytes.map(|b| format!(r#","segment_cache":{{"max_bytes":{b}}}"#)).unwrap_or_default();
+    if let Some(policy) = policy {
+        let routing = RoutingConfig { policy, ..RoutingConfig::default() };
+        extra.push_str(&format!(r#","routing":{}"#, serde_json::to_string(&routing)?));
+    }
     Ok(format!(
-        r#"{{"models":[{{"name":"{MODEL}","tokenizer":{},"tokenizer_config":{}}}],"workers":[{}]{cache}}}"#,
+        r#"{{"models":[{{"name":"{MODEL}","tokenizer":{},"tokenizer_config":{}}}],"workers":[{}]{extra}}}"#,
         read("tokenizer.json")?,
         read("tokenizer_config.json")?,
         workers.join(",")

@@ -426,9 +426,9 @@ fn native(
     report: &mut Report,
 ) -> Result<()> {
     eprintln!("native pipeline: loading the filter's router twice");
-    let config = plugin_config(upstream_ports, None)?;
+    let config = plugin_config(upstream_ports, None, None)?;
     let mut cached = NativePipeline::new(&config, SegmentCacheConfig::default(), tokenizer)?;
-    let config = plugin_config(upstream_ports, Some(0))?;
+    let config = plugin_config(upstream_ports, Some(0), None)?;
     let mut uncached = NativePipeline::new(&config, SegmentCacheConfig::DISABLED, tokenizer)?;
     let warmup = (options.native_iterations / 10).max(5);
     for workload in workloads {
