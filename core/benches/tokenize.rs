@@ -8,7 +8,9 @@
 //! - early exit: the fleet holds the prompt's first 1,024 tokens (64 blocks of 16), the tokenizer
 //!   has seen none of it (cold); ours stops after the first block nobody holds and estimates the
 //!   rest, 0.23 has to encode and hash it all;
-//! - chat: a warm ~4k-token, 5-message chat, rendered with Qwen3's template, tokenized and hashed;
+//! - chat: a warm ~4k-token, 5-message chat, rendered with Qwen3's template (natively, as the
+//!   router does for a known template, both sides; minijinja alone in `chat/render-only/minijinja`),
+//!   tokenized and hashed;
 //! - load: `Tokenizer::from_files` on the `tokenizer.json` HuggingFace ships, and on its canonical
 //!   form, against 0.23's `from_str`; and the engine's JSON parse alone, the most a pre-built
 //!   binary form could save (the rest is the engine building its BPE tables).
@@ -409,6 +411,12 @@ fn bench_tokenize(c: &mut Criterion) {
     });
     group.bench_function("chat/render-only", |b| {
         b.iter(|| black_box(template.render(black_box(&request), &options).expect("renders").len()));
+    });
+    // The same render through minijinja: what every template without a native renderer costs.
+    group.bench_function("chat/render-only/minijinja", |b| {
+        b.iter(|| {
+            black_box(template.render_interpreted(black_box(&request), &options).expect("renders").len())
+        });
     });
     group.finish();
 

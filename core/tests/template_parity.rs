@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use kvmesh_core::request::{Endpoint, InferenceRequest, RequestLimits, parse_request};
-use kvmesh_core::template::{ContentFormat, RenderOptions};
+use kvmesh_core::template::{ContentFormat, Native, RenderOptions};
 use kvmesh_core::{Tokenizer, TokenizerFiles};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -119,17 +119,19 @@ fn qwen3_renders_as_transformers() {
 }
 
 #[test]
-fn qwen3_has_a_native_renderer() {
-    let dir = tokenizer_root().join("qwen3");
-    let (json, config) = (read(&dir.join("tokenizer.json")), read(&dir.join("tokenizer_config.json")));
-    let files = TokenizerFiles {
-        tokenizer_json: &json,
-        tokenizer_config_json: Some(&config),
-        chat_template_jinja: None,
-    };
-    let tokenizer = Tokenizer::from_files(files).expect("Qwen3 loads");
-    let template = tokenizer.chat_template(None, false).expect("Qwen3 has a template");
-    assert_eq!(template.native(), Some(kvmesh_core::template::Native::Qwen3));
+fn known_templates_have_native_renderers() {
+    for (dir, native) in [("qwen3", Native::Qwen3), ("llama3_1", Native::Llama3)] {
+        let dir = tokenizer_root().join(dir);
+        let (json, config) = (read(&dir.join("tokenizer.json")), read(&dir.join("tokenizer_config.json")));
+        let files = TokenizerFiles {
+            tokenizer_json: &json,
+            tokenizer_config_json: Some(&config),
+            chat_template_jinja: None,
+        };
+        let tokenizer = Tokenizer::from_files(files).expect("the tokenizer loads");
+        let template = tokenizer.chat_template(None, false).expect("the model has a template");
+        assert_eq!(template.native(), Some(native), "{}", dir.display());
+    }
 }
 
 #[test]

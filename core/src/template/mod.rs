@@ -169,7 +169,9 @@ impl ChatTemplate {
         request: &ChatRequest<'_>,
         options: &RenderOptions<'_>,
     ) -> Result<String, TemplateError> {
-        if let Some(text) = self.native.and_then(|n| n.render(request, options.default_kwargs)) {
+        if let Some(text) =
+            self.native.and_then(|n| n.render(request, options.default_kwargs, &self.specials))
+        {
             return Ok(text);
         }
         self.render_interpreted(request, options)

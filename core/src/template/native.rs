@@ -14,16 +14,22 @@
 
 use serde_json::value::RawValue;
 
+use super::SpecialTokens;
 use crate::request::{ChatMessage, ChatRequest, ContentPart, MessageContent};
 
 /// Qwen3's template (hybrid thinking), as its `tokenizer_config.json` ships it.
 const QWEN3: &str = include_str!("qwen3.jinja");
+/// Llama 3's template (Meta-Llama-3-*-Instruct), as its `tokenizer_config.json` ships it.
+const LLAMA3: &str = include_str!("llama3.jinja");
 
 /// A template with a native renderer.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Native {
     /// Qwen3 (hybrid thinking): `<|im_start|>{role}\n{content}<|im_end|>\n` turns.
     Qwen3,
+    /// Llama 3: `<|start_header_id|>{role}<|end_header_id|>\n\n{content|trim}<|eot_id|>` turns after
+    /// the BOS token.
+    Llama3,
 }
 
 /// What the request's (and the server's default) `chat_template_kwargs` ask for, when the native
@@ -105,12 +111,21 @@ fn text_of<'a>(message: &'a ChatMessage<'_>, scratch: &'a mut String) -> Option<
 impl Native {
     /// The native renderer for a template `source`, if it is one we know exactly.
     pub fn detect(source: &str) -> Option<Native> {
-        (source == QWEN3).then_some(Native::Qwen3)
+        match source {
+            QWEN3 => Some(Native::Qwen3),
+            LLAMA3 => Some(Native::Llama3),
+            _ => None,
+        }
     }
 
     /// Renders `request` as the template would, or `None` when the request is outside what this
     /// renderer covers.
-    pub fn render(self, request: &ChatRequest<'_>, default_kwargs: Option<&str>) -> Option<String> {
+    pub fn render(
+        self,
+        request: &ChatRequest<'_>,
+        default_kwargs: Option<&str>,
+        specials: &SpecialTokens,
+    ) -> Option<String> {
         if request.tools.is_some() || request.documents.is_some() || request.messages.is_empty() {
             return None;
         }
@@ -127,6 +142,10 @@ impl Native {
         }
         match self {
             Native::Qwen3 => qwen3(&request.messages, add_generation_prompt, kwargs.enable_thinking),
+            Native::Llama3 => {
+                let bos = specials.named.iter().find(|(name, _)| name == "bos_token").map(|(_, t)| t)?;
+                llama3(&request.messages, add_generation_prompt, bos)
+            }
         }
     }
 }
@@ -190,12 +209,36 @@ fn qwen3(
     Some(out)
 }
 
+/// Llama 3's template: every message, whatever its role, is a header and its trimmed text (the
+/// template reads nothing else of it), the first after the BOS token. `trim` is minijinja's
+/// (Unicode White_Space), which the interpreted path uses too.
+fn llama3(messages: &[ChatMessage<'_>], add_generation_prompt: bool, bos: &str) -> Option<String> {
+    let mut scratch = String::new();
+    let mut bytes = bos.len() + 64;
+    for m in messages {
+        bytes += text_of(m, &mut scratch)?.len() + m.role.len() + 48;
+    }
+    let mut out = String::with_capacity(bytes);
+    out.push_str(bos);
+    for m in messages {
+        out.push_str("<|start_header_id|>");
+        out.push_str(&m.role);
+        out.push_str("<|end_header_id|>\n\n");
+        out.push_str(text_of(m, &mut scratch)?.trim());
+        out.push_str("<|eot_id|>");
+    }
+    if add_generation_prompt {
+        out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::SplitMix64;
     use crate::request::{Endpoint, InferenceRequest, RequestLimits, parse_request};
-    use crate::template::{ChatTemplate, RenderOptions, SpecialTokens};
+    use crate::template::{ChatTemplate, RenderOptions};
 
     fn pick<'a>(rng: &mut SplitMix64, items: &[&'a str]) -> &'a str {
         items[(rng.next_u64() % items.len() as u64) as usize]
@@ -216,6 +259,7 @@ mod tests {
             "plain </think> marker",
             "多语言 text — ünïcödé 🙂",
             "a \"quoted\" \\ backslash",
+            "\u{3000}\u{85}ideographic and next-line spaces\u{a0}\u{1c}",
         ];
         let roles = ["system", "user", "assistant", "user", "assistant", "tool", "developer"];
         let n = 1 + rng.next_u64() % 6;
@@ -257,16 +301,47 @@ mod tests {
     #[test]
     fn only_the_exact_source_is_recognised() {
         assert_eq!(Native::detect(QWEN3), Some(Native::Qwen3));
+        assert_eq!(Native::detect(LLAMA3), Some(Native::Llama3));
         assert_eq!(Native::detect(&format!("{QWEN3}\n")), None);
         assert_eq!(Native::detect("{{ messages }}"), None);
     }
 
+    fn specials() -> SpecialTokens {
+        SpecialTokens {
+            named: vec![("bos_token".to_owned(), "<|begin_of_text|>".to_owned())],
+            additional: Vec::new(),
+        }
+    }
+
     #[test]
-    fn native_matches_minijinja() {
-        let template = ChatTemplate::new(QWEN3, SpecialTokens::default()).expect("Qwen3 compiles");
-        assert_eq!(template.native(), Some(Native::Qwen3));
+    fn qwen3_matches_minijinja() {
+        native_matches_minijinja(QWEN3, Native::Qwen3, 10);
+    }
+
+    #[test]
+    fn llama3_matches_minijinja() {
+        native_matches_minijinja(LLAMA3, Native::Llama3, 2);
+    }
+
+    #[test]
+    fn llama3_without_a_bos_token_is_left_to_minijinja() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let Ok(InferenceRequest::Chat(request)) =
+            parse_request(Endpoint::ChatCompletions, body.as_bytes(), &RequestLimits::default())
+        else {
+            panic!("not a chat request");
+        };
+        assert_eq!(Native::Llama3.render(&request, None, &SpecialTokens::default()), None);
+        assert!(Native::Llama3.render(&request, None, &specials()).is_some());
+    }
+
+    /// Renders thousands of generated conversations both ways; more than `1 / min_share` of them
+    /// must have gone the native way (and not all), so neither path is compared vacuously.
+    fn native_matches_minijinja(source: &str, native: Native, min_share: usize) {
+        let template = ChatTemplate::new(source, specials()).expect("the template compiles");
+        assert_eq!(template.native(), Some(native));
         let mut rng = SplitMix64::new(7);
-        let (mut native, mut total) = (0, 0);
+        let (mut rendered_natively, mut total) = (0, 0);
         for _ in 0..6000 {
             let body = conversation(&mut rng);
             let Ok(InferenceRequest::Chat(request)) =
@@ -279,11 +354,13 @@ mod tests {
             let rendered = template.render(&request, &options).map_err(|e| e.to_string());
             assert_eq!(rendered, interpreted, "{body}");
             total += 1;
-            if Native::Qwen3.render(&request, None).is_some() {
-                native += 1;
+            if native.render(&request, None, &specials()).is_some() {
+                rendered_natively += 1;
             }
         }
-        // Both paths are exercised: the comparison above is not vacuous either way.
-        assert!(native > total / 10 && native < total, "{native} of {total} rendered natively");
+        assert!(
+            rendered_natively > total / min_share && rendered_natively < total,
+            "{rendered_natively} of {total} rendered natively"
+        );
     }
 }
