@@ -441,8 +441,8 @@ fn native(
         let with = cached.time(workload, warmup, options.native_iterations, &mut next)?;
         let without = uncached.time(workload, warmup, options.native_iterations, &mut next)?;
         eprintln!(
-            "native {:<16} {:>5} tokens  route {:>7.1} µs (segment cache off {:>7.1} µs)",
-            workload.name, with.stages.prompt_tokens, with.route_us, without.route_us
+            "native {:<16} {:>5} tokens  route {:>7.1} µs, caches cold {:>7.1} µs (segment cache off {:>7.1} µs)",
+            workload.name, with.stages.prompt_tokens, with.route_us, with.route_cold_us, without.route_us
         );
         report.native.push(NativeRow { workload: workload.name.to_owned(), cached: with, uncached: without });
     }

@@ -210,7 +210,8 @@ fn where_time_goes(out: &mut String, report: &Report) {
         "Where the filter's time goes, µs (medians, default segment cache). Stages: parse / render / \
          tokenize / hash, timed one by one through kvmesh-core on the same bodies, natively and in V8 \
          outside Envoy (`filter-stages` in node with Liftoff off, as Envoy compiles){}. Native route: the \
-         filter's whole `Router::route` natively (adds scoring). Envoy decision: the filter's own timer \
+         filter's whole `Router::route` natively (adds scoring), hot / with the caches swept (48 MiB written \
+         between requests, as Envoy's own work between two requests leaves them). Envoy decision: the filter's own timer \
          in Envoy (mean at the lowest concurrency). Added p50: filter p50 minus plain p50; the rest of \
          it (added minus decision) is host cost: pausing, buffering the body and copying it into the VM, \
          header, metric and clock host calls, reading the response's `usage`.\n",
@@ -221,7 +222,7 @@ fn where_time_goes(out: &mut String, report: &Report) {
     );
     let _ = writeln!(
         out,
-        "| workload | tokens | native stages | native route | V8 stages | V8 stages sum | Envoy decision | added p50 | added − decision |"
+        "| workload | tokens | native stages | native route: hot / cold caches | V8 stages | V8 stages sum | Envoy decision | added p50 | added − decision |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     let stages = |t: &crate::stages::StageTiming| {
@@ -239,11 +240,12 @@ fn where_time_goes(out: &mut String, report: &Report) {
         let v8 = report.v8.as_ref().and_then(|v| v.rows.iter().find(|r| r.workload == n.workload));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} / {:.1} | {} | {} | {} | {} | {} |",
             n.workload,
             n.cached.stages.prompt_tokens,
             stages(&n.cached.stages),
             n.cached.route_us,
+            n.cached.route_cold_us,
             v8.map_or_else(|| "-".to_owned(), |r| stages(&r.cached)),
             v8.map_or_else(|| "-".to_owned(), |r| format!("{:.1}", r.cached.total_us)),
             opt(decision),
