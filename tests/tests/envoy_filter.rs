@@ -56,22 +56,26 @@ fn malformed_plugin_config_fails_envoy_start() {
     assert!(log.contains("invalid kvmesh filter configuration"), "the filter logs why; log:\n{log}");
 }
 
-/// `envoy/kvmesh.yaml`, filled in as `envsubst` would, is a configuration Envoy accepts.
-#[test]
-fn standalone_bootstrap_template_is_valid() {
+/// `envoy/kvmesh.yaml` filled in as `envsubst` would, with these workers; written to `dir`.
+fn filled_template(
+    dir: &kvmesh_tests::TempDir,
+    listen: u16,
+    admin: u16,
+    workers: [u16; 2],
+) -> std::path::PathBuf {
     let template_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/kvmesh.yaml");
     let template = std::fs::read_to_string(&template_path).expect("read envoy/kvmesh.yaml");
     let wasm = kvmesh_tests::filter_wasm();
     let values = [
-        ("KVMESH_LISTEN_PORT", kvmesh_tests::free_port().to_string()),
-        ("KVMESH_ADMIN_PORT", kvmesh_tests::free_port().to_string()),
+        ("KVMESH_LISTEN_PORT", listen.to_string()),
+        ("KVMESH_ADMIN_PORT", admin.to_string()),
         ("KVMESH_FILTER_WASM", wasm.display().to_string()),
         ("KVMESH_CONTROL_PLANE_IP", "127.0.0.1".to_string()),
-        ("KVMESH_CONTROL_PLANE_GRPC_PORT", "9091".to_string()),
+        ("KVMESH_CONTROL_PLANE_GRPC_PORT", kvmesh_tests::free_port().to_string()),
         ("KVMESH_WORKER_0_IP", "127.0.0.1".to_string()),
-        ("KVMESH_WORKER_0_PORT", "8001".to_string()),
+        ("KVMESH_WORKER_0_PORT", workers[0].to_string()),
         ("KVMESH_WORKER_1_IP", "127.0.0.1".to_string()),
-        ("KVMESH_WORKER_1_PORT", "8002".to_string()),
+        ("KVMESH_WORKER_1_PORT", workers[1].to_string()),
     ];
     let mut filled = template;
     for (name, value) in &values {
@@ -81,9 +85,16 @@ fn standalone_bootstrap_template_is_valid() {
     let body: String =
         filled.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
     assert!(!body.contains("${"), "a placeholder is left unfilled:\n{body}");
-    let dir = kvmesh_tests::TempDir::new("envoy-validate");
     let path = dir.path().join("kvmesh.yaml");
     std::fs::write(&path, &filled).expect("write the filled-in template");
+    path
+}
+
+/// `envoy/kvmesh.yaml`, filled in, is a configuration Envoy accepts.
+#[test]
+fn standalone_bootstrap_template_is_valid() {
+    let dir = kvmesh_tests::TempDir::new("envoy-validate");
+    let path = filled_template(&dir, kvmesh_tests::free_port(), kvmesh_tests::free_port(), [8001, 8002]);
     let out = std::process::Command::new(kvmesh_tests::envoy_binary())
         .args(["--mode", "validate", "--disable-hot-restart", "-c"])
         .arg(&path)
@@ -95,4 +106,57 @@ fn standalone_bootstrap_template_is_valid() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The template runs the filter on the two inference paths only; every other path goes round robin
+/// without it, and a client's own destination header is dropped there too.
+#[test]
+fn standalone_bootstrap_skips_the_filter_off_inference_paths() {
+    let workers = [EchoUpstream::start(), EchoUpstream::start()];
+    let (listen, admin) = (kvmesh_tests::free_port(), kvmesh_tests::free_port());
+    let dir = kvmesh_tests::TempDir::new("envoy-template");
+    let path = filled_template(&dir, listen, admin, [workers[0].port(), workers[1].port()]);
+    let mut cmd = std::process::Command::new(kvmesh_tests::envoy_binary());
+    cmd.arg("-c").arg(&path).args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "info"]);
+    let mut envoy = kvmesh_tests::Process::spawn_in(dir, "envoy", cmd);
+    envoy.wait_ready("admin /ready answers 200", Duration::from_secs(60), || {
+        kvmesh_tests::http_ok(admin, "/ready")
+    });
+
+    // A client naming worker 1 itself on a non-inference path: ignored (round robin, header gone).
+    let chosen = format!("127.0.0.1:{}", workers[1].port());
+    for _ in 0..4 {
+        let resp =
+            http::request(listen, "GET", "/v1/models", &[("x-gateway-destination-endpoint", &chosen)], None)
+                .expect("GET through Envoy");
+        assert_eq!(resp.status, 200, "{}\n{}", resp.message.body_text(), envoy.log_text());
+    }
+    let seen: Vec<usize> = workers.iter().map(|w| w.received().len()).collect();
+    assert_eq!(seen, [2, 2], "round robin over both workers, not the client's pick");
+    for worker in &workers {
+        for request in worker.received() {
+            assert_eq!(
+                request.header("x-gateway-destination-endpoint"),
+                None,
+                "the client's header was forwarded"
+            );
+        }
+    }
+    // The filter never saw those requests; it does see an inference request (503: no state yet,
+    // as no control plane runs here).
+    let stats = http::get(admin, "/stats/prometheus").expect("admin stats").message.body_text();
+    let passed = kvmesh_tests::fleet::metric(&stats, "kvmesh_filter_passthrough_total").unwrap_or(0);
+    assert_eq!(passed, 0, "the filter ran on GET /v1/models");
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let resp = http::post(listen, "/v1/chat/completions", &[("content-type", "application/json")], body)
+        .expect("POST through Envoy");
+    assert_eq!(resp.status, 503, "{}", resp.message.body_text());
+    assert!(resp.message.body_text().contains("control plane"), "{}", resp.message.body_text());
+    let stats = http::get(admin, "/stats/prometheus").expect("admin stats").message.body_text();
+    assert_eq!(
+        kvmesh_tests::fleet::metric(&stats, "kvmesh_filter_decisions_no_worker_total"),
+        Some(1),
+        "{stats}"
+    );
+    envoy.kill();
 }

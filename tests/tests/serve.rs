@@ -571,7 +571,7 @@ fn dry_run_sim_prints_the_envoy_bootstrap_and_starts_nothing() {
         "http2_protocol_options: {}",
         "override_host_sources: [ { header: x-gateway-destination-endpoint } ]",
         "retry_on: connect-failure,refused-stream,reset",
-        r#"value: "{\"state\":{}}""#,
+        r#"value: "{\"accuracy_sample_every\":1,\"state\":{}}""#,
     ] {
         assert!(bootstrap.contains(part), "{part} missing:\n{bootstrap}");
     }
@@ -598,5 +598,8 @@ fn dry_run_carries_the_routing_policy_to_the_control_plane_and_the_filter() {
     assert!(file(&script, "control-plane.yaml").contains("policy: load-only"), "{script}");
     // Without a policy given, the filter follows the control plane's.
     let script = dry_run(&[]);
-    assert!(file(&script, "envoy.yaml").contains(r#"value: "{\"state\":{}}""#), "{script}");
+    assert!(
+        file(&script, "envoy.yaml").contains(r#"value: "{\"accuracy_sample_every\":1,\"state\":{}}""#),
+        "{script}"
+    );
 }
