@@ -9,6 +9,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
 use kvmesh_core::PolicyKind;
+use kvmesh_core::template::RenderPath;
 
 use crate::relay::Polled;
 use crate::router::{Degraded, RejectKind, Routed};
@@ -27,6 +28,8 @@ pub struct Metrics {
     by_policy: [Option<u32>; 4],
     stale_routes: Option<u32>,
     untokenized_routes: Option<u32>,
+    renders_native: Option<u32>,
+    renders_interpreted: Option<u32>,
     fallbacks: Option<u32>,
     model_loads: Option<u32>,
     model_load_failures: Option<u32>,
@@ -98,6 +101,8 @@ impl Metrics {
             by_policy,
             stale_routes: define(MetricType::Counter, "kvmesh_filter_stale_state_routes_total"),
             untokenized_routes: define(MetricType::Counter, "kvmesh_filter_untokenized_routes_total"),
+            renders_native: define(MetricType::Counter, "kvmesh_filter_renders_native_total"),
+            renders_interpreted: define(MetricType::Counter, "kvmesh_filter_renders_interpreted_total"),
             fallbacks: define(MetricType::Counter, "kvmesh_filter_fallbacks_total"),
             model_loads: define(MetricType::Counter, "kvmesh_filter_model_loads_total"),
             model_load_failures: define(MetricType::Counter, "kvmesh_filter_model_load_failures_total"),
@@ -120,6 +125,11 @@ impl Metrics {
         match routed.degraded {
             Some(Degraded::StaleState) => self.add(self.stale_routes, 1),
             Some(Degraded::NoTokenizer) => self.add(self.untokenized_routes, 1),
+            None => {}
+        }
+        match routed.render {
+            Some(RenderPath::Native) => self.add(self.renders_native, 1),
+            Some(RenderPath::Interpreted) => self.add(self.renders_interpreted, 1),
             None => {}
         }
     }

@@ -12,7 +12,7 @@ use kvmesh_core::hash::{BlockSalt, hash_prompt};
 use kvmesh_core::request::{
     Endpoint, InferenceRequest, Prompt, RequestError, RequestLimits, openai_error_body, parse_request,
 };
-use kvmesh_core::template::{ChatTemplate, RenderOptions};
+use kvmesh_core::template::{ChatTemplate, RenderOptions, RenderPath};
 use kvmesh_core::tokenize::Encoder;
 use kvmesh_core::tokenize::SegmentCacheConfig;
 use kvmesh_core::{
@@ -136,6 +136,8 @@ pub struct Routed {
     pub policy: PolicyKind,
     /// How it was decided, when not normally.
     pub degraded: Option<Degraded>,
+    /// How its chat was rendered (`None`: not a chat, or not rendered).
+    pub render: Option<RenderPath>,
 }
 
 /// Why a request was routed on less than the full picture.
@@ -284,6 +286,7 @@ impl Router {
         self.tokens.clear();
         self.hashes.clear();
         let stale = self.state_is_stale(now_ms);
+        let mut render = None;
         let (block_size, prompt_tokens, degraded) = match self.models.get_mut(model_name) {
             Some(model) if stale => {
                 // Load alone decides: the prompt's blocks would not be looked at.
@@ -292,7 +295,8 @@ impl Router {
             }
             Some(model) => {
                 let policy = self.policies.get(model_name).unwrap_or(&self.default_policy);
-                let input = prompt_input(model, &request, now_unix_seconds)?;
+                let (input, rendered) = prompt_input(model, &request, now_unix_seconds)?;
+                render = rendered;
                 let salt = BlockSalt::for_request(None, request.cache_salt());
                 let block_size = model.block_size;
                 let prompt_tokens = match input {
@@ -386,6 +390,7 @@ impl Router {
             block_size,
             policy: policy_kind,
             degraded,
+            render,
         })
     }
 
@@ -409,13 +414,13 @@ fn internal(e: &dyn std::fmt::Display) -> Rejected {
     Rejected::new(RejectKind::Internal, &format!("cannot tokenize the prompt: {e}"), "InternalServerError")
 }
 
-/// The prompt of `request`: the chat rendered with the model's template, or the completion's
-/// prompt (a batch is routed as a whole, on its first prompt).
+/// The prompt of `request`: the chat rendered with the model's template (and how), or the
+/// completion's prompt (a batch is routed as a whole, on its first prompt).
 fn prompt_input<'a>(
     model: &Model,
     request: &'a InferenceRequest<'a>,
     now_unix_seconds: i64,
-) -> Result<PromptInput<'a>, Rejected> {
+) -> Result<(PromptInput<'a>, Option<RenderPath>), Rejected> {
     match request {
         InferenceRequest::Chat(chat) => {
             let bad = |e: &dyn std::fmt::Display| {
@@ -434,18 +439,28 @@ fn prompt_input<'a>(
                 }
             };
             let options = RenderOptions { now_unix_seconds: Some(now_unix_seconds), default_kwargs: None };
-            let text = template.render(chat, &options).map_err(|e| bad(&e))?;
-            Ok(PromptInput::Text { text: text.into(), add_special_tokens: chat.add_special_tokens })
+            let (text, path) = template.render_traced(chat, &options).map_err(|e| bad(&e))?;
+            Ok((
+                PromptInput::Text { text: text.into(), add_special_tokens: chat.add_special_tokens },
+                Some(path),
+            ))
         }
-        InferenceRequest::Completion(completion) => Ok(match &completion.prompt {
-            Prompt::Text(text) => PromptInput::Text { text: text.as_ref().into(), add_special_tokens: true },
-            Prompt::Texts(texts) => PromptInput::Text {
-                text: texts.first().map_or("", |t| t.as_ref()).into(),
-                add_special_tokens: true,
+        InferenceRequest::Completion(completion) => Ok((
+            match &completion.prompt {
+                Prompt::Text(text) => {
+                    PromptInput::Text { text: text.as_ref().into(), add_special_tokens: true }
+                }
+                Prompt::Texts(texts) => PromptInput::Text {
+                    text: texts.first().map_or("", |t| t.as_ref()).into(),
+                    add_special_tokens: true,
+                },
+                Prompt::Tokens(ids) => PromptInput::Tokens(ids),
+                Prompt::TokenBatches(batches) => {
+                    PromptInput::Tokens(batches.first().map_or(&[], Vec::as_slice))
+                }
             },
-            Prompt::Tokens(ids) => PromptInput::Tokens(ids),
-            Prompt::TokenBatches(batches) => PromptInput::Tokens(batches.first().map_or(&[], Vec::as_slice)),
-        }),
+            None,
+        )),
     }
 }
 
@@ -513,6 +528,8 @@ pub(crate) mod tests {
         let second = router.route(Endpoint::ChatCompletions, &chat(system, "two"), 1, 0).expect("routed");
         assert_eq!(first.worker, second.worker);
         assert!(second.overlap_blocks > 0, "{second:?}");
+        // The test template is no known one: rendered by minijinja.
+        assert_eq!(second.render, Some(RenderPath::Interpreted));
         assert!(second.destination.starts_with(&first.destination[..14]), "{second:?}");
     }
 

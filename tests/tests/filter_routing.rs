@@ -114,6 +114,12 @@ fn filter_routes_on_cached_prefix_and_answers_errors() {
     assert_eq!(metric("kvmesh_filter_decisions_unknown_model_total"), 1);
     assert_eq!(metric("kvmesh_filter_decisions_too_large_total"), 1);
     assert!(metric("kvmesh_filter_overlap_blocks_total") > 0);
+    // Qwen3's own template, plain chats: every routed chat rendered natively, none interpreted.
+    assert_eq!(metric("kvmesh_filter_renders_native_total"), 10);
+    assert_eq!(
+        kvmesh_tests::fleet::metric(&stats, "kvmesh_filter_renders_interpreted_total").unwrap_or(0),
+        0
+    );
 
     // Shown with --nocapture: the per-VM tokenizer load time and the Prometheus names.
     for line in log().lines().filter(|l| l.contains("kvmesh filter") && l.contains("configured")) {

@@ -104,6 +104,15 @@ pub struct SpecialTokens {
     pub additional: Vec<String>,
 }
 
+/// Which way a chat was rendered.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RenderPath {
+    /// By a native renderer ([`Native`]).
+    Native,
+    /// Through minijinja.
+    Interpreted,
+}
+
 /// Inputs that do not come from the request.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RenderOptions<'a> {
@@ -169,12 +178,22 @@ impl ChatTemplate {
         request: &ChatRequest<'_>,
         options: &RenderOptions<'_>,
     ) -> Result<String, TemplateError> {
+        self.render_traced(request, options).map(|(text, _)| text)
+    }
+
+    /// [`ChatTemplate::render`], also saying which way the text was rendered (a router counts
+    /// them: a model whose template differs by one byte from a known one renders interpreted).
+    pub fn render_traced(
+        &self,
+        request: &ChatRequest<'_>,
+        options: &RenderOptions<'_>,
+    ) -> Result<(String, RenderPath), TemplateError> {
         if let Some(text) =
             self.native.and_then(|n| n.render(request, options.default_kwargs, &self.specials))
         {
-            return Ok(text);
+            return Ok((text, RenderPath::Native));
         }
-        self.render_interpreted(request, options)
+        self.render_interpreted(request, options).map(|text| (text, RenderPath::Interpreted))
     }
 
     /// Renders `request` through minijinja even where a native renderer applies (parity checks
