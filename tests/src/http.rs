@@ -271,9 +271,11 @@ fn serve_connection(conn: TcpStream, port: u16, received: &Mutex<Vec<ReceivedReq
             "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nx-upstream-port: {port}\r\n\r\n",
             request.body.len()
         );
-        writer.write_all(head.as_bytes())?;
-        writer.write_all(&request.body)?;
+        let body = request.body.clone();
+        // Recorded before answering: a test that has its response must find the request here.
         received.lock().unwrap_or_else(|e| e.into_inner()).push(request);
+        writer.write_all(head.as_bytes())?;
+        writer.write_all(&body)?;
         if close {
             let _ = writer.shutdown(Shutdown::Both);
             break;
