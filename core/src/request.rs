@@ -1098,46 +1098,6 @@ impl Reject for PromptSeed<'_> {
 
 seed_any!(PromptSeed, Option<Prompt<'de>>);
 
-/// The ids of a prompt that is a flat JSON array of token ids (`raw`: the value's exact text), or
-/// `None` for anything else, including empty arrays, negative, fractional or out-of-range numbers
-/// (the serde path then reads it and reports what is wrong).
-fn token_ids(raw: &str) -> Option<Vec<TokenId>> {
-    let bytes = raw.as_bytes();
-    let skip_space = |mut i: usize| {
-        while bytes.get(i).is_some_and(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t')) {
-            i += 1;
-        }
-        i
-    };
-    if bytes.first() != Some(&b'[') {
-        return None;
-    }
-    let mut i = skip_space(1);
-    // Ids are at least one digit and a separator: this bounds the vector's growth.
-    let mut ids = Vec::with_capacity(bytes.len() / 2);
-    loop {
-        let start = i;
-        let mut id: u64 = 0;
-        while let Some(digit) = bytes.get(i).filter(|b| b.is_ascii_digit()) {
-            id = id * 10 + u64::from(digit - b'0');
-            if id > u64::from(TokenId::MAX) {
-                return None;
-            }
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-        ids.push(id as TokenId);
-        i = skip_space(i);
-        match bytes.get(i) {
-            Some(b',') => i = skip_space(i + 1),
-            Some(b']') => return (i + 1 == bytes.len()).then_some(ids),
-            _ => return None,
-        }
-    }
-}
-
 /// `prompt[0]`, which decides the kind of every other item.
 enum PromptItem<'a> {
     Text(Cow<'a, str>),
@@ -1608,17 +1568,7 @@ impl<'de> Visitor<'de> for CompletionBody<'_> {
         let mut prompt = None;
         while let Some(key) = map.next_key_seed(key::<BodyKey>())? {
             match key {
-                BodyKey::Prompt => {
-                    // Token-id prompts take serde's per-element path at ~19 ns an id; a flat array
-                    // of ids is read directly from its raw text, anything else goes through serde.
-                    let raw: &'de RawValue = map.next_value()?;
-                    prompt = match token_ids(raw.get()) {
-                        Some(ids) => Some(Prompt::Tokens(ids)),
-                        None => PromptSeed { slot }
-                            .deserialize(&mut serde_json::Deserializer::from_str(raw.get()))
-                            .map_err(|e| rethrow(slot, e))?,
-                    };
-                }
+                BodyKey::Prompt => prompt = map.next_value_seed(PromptSeed { slot })?,
                 key => common.read(key, &mut map, slot)?,
             }
         }
@@ -1743,21 +1693,7 @@ mod tests {
     }
 
     #[test]
-    fn flat_token_id_prompts_read_directly_agree_with_serde() {
-        let direct = ["[1]", "[0,1,2]", "[ 151644 , 872 ,\n\t198 ]", "[4294967295]", "[7,  8,9 ]"];
-        for raw in direct {
-            let slot = Slot::default();
-            let general = PromptSeed { slot: &slot }
-                .deserialize(&mut serde_json::Deserializer::from_str(raw))
-                .expect("serde reads it");
-            assert_eq!(token_ids(raw).map(Prompt::Tokens), general, "{raw}");
-        }
-        // Everything else is left to serde, which also reports what is wrong.
-        for raw in
-            ["[]", "[ ]", "[-1]", "[1.0]", "[1e3]", "[4294967296]", "[[1,2]]", "[1,\"a\"]", "\"hi\"", "null"]
-        {
-            assert_eq!(token_ids(raw), None, "{raw}");
-        }
+    fn token_id_prompts_with_spaces_parse_and_bad_items_are_named() {
         let request = completion(r#"{"model":"m","prompt":[ 1, 2 ,3 ]}"#).expect("valid");
         assert_eq!(request.prompt, Prompt::Tokens(vec![1, 2, 3]));
         assert_field_error(completion(r#"{"model":"m","prompt":[1,-2]}"#), "prompt[1]");
