@@ -15,6 +15,7 @@ use kvmesh_tests::envoy::EnvoyConfig;
 use kvmesh_tests::{Process, TempDir, envoy_binary, free_port, http, localhost, tokenizer_dir};
 use serde::{Deserialize, Serialize};
 
+use kvmesh_core::tokenize::canonicalize;
 use kvmesh_core::{PolicyKind, RoutingConfig};
 
 use crate::stages::BLOCK_SIZE;
@@ -207,8 +208,9 @@ pub fn filter_yaml(admin: u16, listener: u16, upstream_ports: &[u16], plugin_con
     format!("stats_flush_interval: {}s\n{}", STATS_FLUSH.as_secs(), config.to_yaml())
 }
 
-/// The filter's plugin configuration: Qwen3's tokenizer files inline, one static worker per upstream
-/// port (block size 16), the default policy unless `policy` names one; `segment_cache_bytes`
+/// The filter's plugin configuration: Qwen3's tokenizer files inline (`tokenizer.json` in the
+/// canonical form, converted here as the control plane converts what it serves), one static worker
+/// per upstream port (block size 16), the default policy unless `policy` names one; `segment_cache_bytes`
 /// overrides the segment cache size.
 pub fn plugin_config(
     upstream_ports: &[u16],
@@ -236,7 +238,7 @@ pub fn plugin_config(
     }
     Ok(format!(
         r#"{{"models":[{{"name":"{MODEL}","tokenizer":{},"tokenizer_config":{}}}],"workers":[{}]{extra}}}"#,
-        read("tokenizer.json")?,
+        canonicalize(&read("tokenizer.json")?)?,
         read("tokenizer_config.json")?,
         workers.join(",")
     ))

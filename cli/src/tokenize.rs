@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use kvmesh_core::request::{Endpoint, InferenceRequest, Prompt, RequestLimits, parse_request};
 use kvmesh_core::template::RenderOptions;
+use kvmesh_core::tokenize::canonicalize;
 use kvmesh_core::{TokenId, Tokenizer, TokenizerFiles};
 use serde_json::value::RawValue;
 
@@ -26,12 +27,19 @@ pub struct TokenizeArgs {
     /// text, and print the ids the engine computes for it. A batch of prompts prints one array each.
     #[arg(long)]
     request: bool,
+    /// Print the directory's `tokenizer.json` in the canonical form the filter loads fastest (what
+    /// the control plane serves; for a filter configured with its tokenizer inline), and read no
+    /// input.
+    #[arg(long, conflicts_with = "request")]
+    canonical: bool,
 }
 
 /// Reads stdin and prints its token ids as one JSON array (no special tokens added to raw text).
 pub fn run(args: TokenizeArgs) -> anyhow::Result<ExitCode> {
     let mut input = Vec::new();
-    std::io::stdin().read_to_end(&mut input).context("cannot read stdin")?;
+    if !args.canonical {
+        std::io::stdin().read_to_end(&mut input).context("cannot read stdin")?;
+    }
     match tokenize(&args, &input) {
         Ok(json) => {
             println!("{json}");
@@ -46,6 +54,12 @@ pub fn run(args: TokenizeArgs) -> anyhow::Result<ExitCode> {
 
 /// The JSON to print for `input`, or why there is none.
 fn tokenize(args: &TokenizeArgs, input: &[u8]) -> anyhow::Result<String> {
+    if args.canonical {
+        let path = args.tokenizer_dir.join("tokenizer.json");
+        let json =
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        return canonicalize(&json).with_context(|| format!("cannot convert {}", path.display()));
+    }
     if !args.request {
         let text = std::str::from_utf8(input).context("stdin is not UTF-8 text")?;
         let tokenizer = load(&args.tokenizer_dir)?;

@@ -73,3 +73,22 @@ fn bad_input_exits_2_with_a_message() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tokenizer.json"));
 }
+
+#[test]
+fn canonical_prints_a_tokenizer_json_that_loads_to_the_same_ids() {
+    let dir = tokenizer_dir("qwen3");
+    let out = kvmesh(&["--canonical"], &dir, "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let canonical = String::from_utf8(out.stdout).expect("UTF-8 JSON");
+    assert!(canonical.starts_with(r#"{"version":"2.0","#), "{}", &canonical[..80.min(canonical.len())]);
+    // A directory holding the canonical file tokenizes as the original does.
+    let copy = std::env::temp_dir().join(format!("kvmesh-canonical-{}", std::process::id()));
+    std::fs::create_dir_all(&copy).expect("temp dir");
+    std::fs::write(copy.join("tokenizer.json"), &canonical).expect("written");
+    let text = "Hello world<|im_end|> 你好";
+    let same = ids(&kvmesh(&[], &copy, text)) == ids(&kvmesh(&[], &dir, text));
+    std::fs::remove_dir_all(&copy).expect("temp dir removed");
+    assert!(same);
+    let out = kvmesh(&["--canonical"], Path::new("/nonexistent/tokenizer"), "");
+    assert_eq!(out.status.code(), Some(2));
+}

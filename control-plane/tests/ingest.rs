@@ -59,7 +59,10 @@ async fn silent_worker_expires_and_its_blocks_leave_the_index() {
     assert_eq!(s["workers"]["stays"]["blocks"], 1);
     let (_, workers) = get(port, "/v1/workers").await;
     assert_eq!(workers["workers"].as_array().unwrap().len(), 1, "{workers}");
-    assert_eq!(sample(&metrics(port).await, "kvmesh_cp_workers_expired_total"), 1.0);
+    // At least once: on a loaded machine a heartbeat of `gone` can come late before it was
+    // indexed, so it may have expired and come back once already.
+    let expired = sample(&metrics(port).await, "kvmesh_cp_workers_expired_total");
+    assert!(expired >= 1.0, "expired {expired}");
     alive.abort();
     cp.shutdown().await;
 }

@@ -175,7 +175,9 @@ pub struct ModelConfig {
     /// The model's name (the OpenAI `model` field).
     pub name: String,
     /// The model's `tokenizer.json`, embedded as a JSON object (kept raw: it is only handed to the
-    /// tokenizer loader, and embedding it unescaped keeps a 10 MB file 10 MB).
+    /// tokenizer loader, and embedding it unescaped keeps a 10 MB file 10 MB). Either form loads;
+    /// the canonical one (`kvmesh_core::tokenize::canonicalize`, what the control plane serves) is
+    /// half the size and spares every VM converting it.
     pub tokenizer: Box<RawValue>,
     /// The model's `tokenizer_config.json`, embedded as a JSON object, if it ships one.
     #[serde(default)]

@@ -469,8 +469,12 @@ fn static_filter_config(
         "workers": workers,
         "accuracy_sample_every": 1,
     });
-    if let Some(tokenizer) = read("tokenizer.json")? {
-        config["models"][0]["tokenizer"] = serde_json::to_value(tokenizer)?;
+    if let Some(tokenizer_json) = read("tokenizer.json")? {
+        // Converted here, once, as the control plane converts what it serves: each of Envoy's wasm
+        // VMs would otherwise convert the file again while loading it.
+        let canonical = kvmesh_core::tokenize::canonicalize(tokenizer_json.get())
+            .with_context(|| format!("convert {}", tokenizer.path.join("tokenizer.json").display()))?;
+        config["models"][0]["tokenizer"] = serde_json::from_str(&canonical)?;
     }
     if let Some(tokenizer_config) = read("tokenizer_config.json")? {
         config["models"][0]["tokenizer_config"] = serde_json::to_value(tokenizer_config)?;

@@ -143,26 +143,54 @@ pub(crate) enum Progress {
 /// Rewrites a `tokenizer.json` as HuggingFace ships it (`"version": "1.0"`) into the canonical
 /// `2.0` form the 1.0 engine reads. Idempotent. Run it ahead of time (natively, e.g. in the control
 /// plane): on the 11 MB Qwen3 file it costs a full `serde_json` round trip.
+///
+/// The output is compact and starts with `"version"`, so [`Engine::from_json`] recognises it from
+/// its first bytes and loads it without converting again.
 pub fn canonicalize(tokenizer_json: &str) -> Result<String, TokenizeError> {
-    let mut value: serde_json::Value = serde_json::from_str(tokenizer_json)
-        .map_err(|e| TokenizeError::Json { file: "tokenizer.json", reason: e.to_string() })?;
+    let json_error =
+        |e: serde_json::Error| TokenizeError::Json { file: "tokenizer.json", reason: e.to_string() };
+    let mut value: serde_json::Value = serde_json::from_str(tokenizer_json).map_err(json_error)?;
     tokenizers::canonicalize_value(&mut value)
         .map_err(|e| TokenizeError::Unsupported { file: "tokenizer.json", what: e.to_string() })?;
-    // Compact, not pretty: the canonical file is shipped to every filter VM.
-    serde_json::to_string(&value)
-        .map_err(|e| TokenizeError::Json { file: "tokenizer.json", reason: e.to_string() })
+    // serde_json's map sorts its keys, which would put `version` last; write it first by hand.
+    let serde_json::Value::Object(mut fields) = value else {
+        return Err(TokenizeError::Json { file: "tokenizer.json", reason: "not a JSON object".to_owned() });
+    };
+    let version = fields.remove("version");
+    let mut out = Vec::with_capacity(tokenizer_json.len());
+    out.push(b'{');
+    for (key, value) in
+        version.iter().map(|v| ("version", v)).chain(fields.iter().map(|(k, v)| (k.as_str(), v)))
+    {
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, key).map_err(json_error)?;
+        out.push(b':');
+        serde_json::to_writer(&mut out, value).map_err(json_error)?;
+    }
+    out.push(b'}');
+    String::from_utf8(out).map_err(|e| TokenizeError::Json { file: "tokenizer.json", reason: e.to_string() })
 }
 
-/// Whether a `tokenizer.json` already is in the canonical form, judged by its `"version"` field
-/// (found without parsing the whole file: it may be megabytes).
+/// Whether a `tokenizer.json` already is in the canonical form, judged by its top-level
+/// `"version"` field, found without parsing the whole file (it may be megabytes): HF and
+/// [`canonicalize`] write it first, a writer that sorts keys writes it last. A miss only costs a
+/// conversion.
 fn is_canonical(tokenizer_json: &str) -> bool {
-    // HF writes `"version"` first; the canonical writer does too. A miss only costs a conversion.
-    let head = &tokenizer_json.as_bytes()[..tokenizer_json.len().min(256)];
-    let head = String::from_utf8_lossy(head);
-    let Some(at) = head.find("\"version\"") else { return false };
-    let rest = head[at + "\"version\"".len()..].trim_start();
-    let Some(rest) = rest.strip_prefix(':') else { return false };
-    rest.trim_start().starts_with(&format!("\"{CANONICAL_VERSION}\""))
+    const WINDOW: usize = 256;
+    let bytes = tokenizer_json.as_bytes();
+    let head = &bytes[..bytes.len().min(WINDOW)];
+    let tail = &bytes[bytes.len().saturating_sub(WINDOW)..];
+    let version_in = |window: &[u8], last: bool| {
+        let window = String::from_utf8_lossy(window);
+        let at = if last { window.rfind("\"version\"") } else { window.find("\"version\"") };
+        let Some(at) = at else { return false };
+        let rest = window[at + "\"version\"".len()..].trim_start();
+        let Some(rest) = rest.strip_prefix(':') else { return false };
+        rest.trim_start().starts_with(&format!("\"{CANONICAL_VERSION}\""))
+    };
+    version_in(head, false) || version_in(tail, true)
 }
 
 /// The largest char boundary of `text` at or below `at`.
@@ -329,6 +357,28 @@ mod tests {
         // A multi-byte character cut at the 256-byte boundary must not panic.
         let long = format!("{{\"x\": \"{}\"}}", "é".repeat(200));
         assert!(!is_canonical(&long));
+        // Sorted keys put it last; a long file is judged by its tail then.
+        let sorted = format!("{{\"model\": \"{}\", \"version\": \"2.0\"}}", "x".repeat(1000));
+        assert!(is_canonical(&sorted));
+        let sorted_old = format!("{{\"model\": \"{}\", \"version\": \"1.0\"}}", "x".repeat(1000));
+        assert!(!is_canonical(&sorted_old));
+    }
+
+    #[test]
+    fn canonical_form_starts_with_its_version_and_is_recognised() {
+        let hf = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+                     "normalizer": null, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false,
+                     "trim_offsets": true, "use_regex": true}, "post_processor": null, "decoder": null,
+                     "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                     "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                     "byte_fallback": false, "ignore_merges": false, "vocab": {"a": 0, "b": 1, "ab": 2},
+                     "merges": [["a", "b"]]}}"#;
+        let canonical = canonicalize(hf).unwrap();
+        assert!(canonical.starts_with(r#"{"version":"2.0","#), "{canonical}");
+        assert!(is_canonical(&canonical));
+        assert_eq!(canonicalize(&canonical).unwrap(), canonical, "idempotent");
+        let value: serde_json::Value = serde_json::from_str(&canonical).unwrap();
+        assert!(value.get("model").is_some());
     }
 
     #[test]
