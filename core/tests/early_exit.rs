@@ -126,6 +126,46 @@ fn walk_adds_the_prompt_specials_and_any_block_size() {
     assert_eq!((walk.tokens, walk.exact, walk.total_tokens), (&truth[..1], true, 1));
 }
 
+#[test]
+fn estimate_is_the_same_whether_earlier_turns_come_from_the_segment_cache_or_not() {
+    let tokenizer = tokenizer("qwen3");
+    let mut rng = corpus::Rng::new(SEED);
+    // A rendered chat: several segments between special tokens, the last one long.
+    let turns: Vec<String> =
+        (0..4).map(|i| corpus::script_text(&mut rng, corpus::LATIN, 600 + 400 * i)).collect();
+    let mut text = String::new();
+    for (i, turn) in turns.iter().enumerate() {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        text.push_str(&format!("<|im_start|>{role}\n{turn}<|im_end|>\n"));
+    }
+    text.push_str("<|im_start|>user\n");
+    text.push_str(&corpus::code_text(&mut rng, 6_000));
+    let truth = tokenizer.encode(&text).expect("encodes");
+    let hashes = block_hashes(&truth);
+    // Held up to a few blocks into the last turn, so the walk stops inside it.
+    let prefix_tokens =
+        tokenizer.encode(&text[..text.rfind("<|im_start|>").expect("a last turn")]).expect("encodes");
+    let held: HashSet<BlockHash> = hashes.iter().copied().take(prefix_tokens.len() / BLOCK + 3).collect();
+    let walk = |encoder: &mut kvmesh_core::Encoder| {
+        let walk =
+            encoder.walk_blocks(&text, false, BLOCK, BlockSalt::NONE, |h| held.contains(&h)).expect("walks");
+        assert!(!walk.exact);
+        (walk.total_tokens, walk.hashes.len())
+    };
+    let uncached = walk(&mut tokenizer.encoder(SegmentCacheConfig::DISABLED));
+    let mut encoder = tokenizer.encoder(SegmentCacheConfig::default());
+    let first = walk(&mut encoder);
+    assert!(encoder.cache_stats().insertions >= 4, "{:?}", encoder.cache_stats());
+    let hits_before = encoder.cache_stats().hits;
+    let again = walk(&mut encoder);
+    assert!(encoder.cache_stats().hits >= hits_before + 4, "the earlier turns hit the cache");
+    assert_eq!(first, uncached);
+    assert_eq!(again, uncached);
+    // And the estimate is a real one: within 10% of the truth.
+    let error = (uncached.0 as f64 - truth.len() as f64).abs() / truth.len() as f64;
+    assert!(error < 0.10, "estimated {} of {} tokens", uncached.0, truth.len());
+}
+
 /// What the estimate is measured on.
 #[derive(Clone, Copy, Debug)]
 enum Script {

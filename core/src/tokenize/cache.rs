@@ -69,6 +69,9 @@ pub struct SegmentCacheStats {
 struct Entry {
     text: Box<str>,
     ids: Box<[TokenId]>,
+    /// The segment's [`super::estimate::prior`], so early exit's correction never rescans text
+    /// it did not tokenize.
+    prior: f32,
     /// Whether the segment opened its prompt (a `Metaspace` normalizer treats that one apart).
     at_start: bool,
 }
@@ -124,8 +127,8 @@ impl SegmentCache {
         self.stats
     }
 
-    /// The ids of `text`, if cached.
-    pub(crate) fn get(&mut self, text: &str, at_start: bool) -> Option<&[TokenId]> {
+    /// The ids of `text` and its prior estimate, if cached.
+    pub(crate) fn get(&mut self, text: &str, at_start: bool) -> Option<(&[TokenId], f32)> {
         if self.config.max_entries == 0 {
             self.stats.misses += 1;
             return None;
@@ -147,12 +150,12 @@ impl SegmentCache {
         self.stats.hits += 1;
         let slot = &mut self.slots[i as usize];
         slot.referenced = true;
-        slot.entry.as_ref().map(|e| &*e.ids)
+        slot.entry.as_ref().map(|e| (&*e.ids, e.prior))
     }
 
-    /// Caches the ids of `text`, evicting as needed; a segment that alone exceeds a quarter of the
-    /// byte budget is not cached. The caller has just missed on `text`.
-    pub(crate) fn insert(&mut self, text: &str, at_start: bool, ids: &[TokenId]) {
+    /// Caches the ids of `text` and its prior estimate, evicting as needed; a segment that alone
+    /// exceeds a quarter of the byte budget is not cached. The caller has just missed on `text`.
+    pub(crate) fn insert(&mut self, text: &str, at_start: bool, ids: &[TokenId], prior: f32) {
         if self.config.max_entries == 0 {
             return;
         }
@@ -169,7 +172,7 @@ impl SegmentCache {
             }
         }
         let hash = segment_hash(text, at_start);
-        let entry = Entry { text: text.into(), ids: ids.into(), at_start };
+        let entry = Entry { text: text.into(), ids: ids.into(), prior, at_start };
         // Slot indices are u32: max_entries beyond that is not a cache size anyone configures.
         let index = match self.free.pop() {
             Some(i) => i,
@@ -233,6 +236,11 @@ impl SegmentCache {
 mod tests {
     use super::*;
 
+    /// The ids of a cached segment.
+    fn ids<'c>(cache: &'c mut SegmentCache, text: &str, at_start: bool) -> Option<&'c [TokenId]> {
+        cache.get(text, at_start).map(|(ids, _)| ids)
+    }
+
     fn config(max_bytes: usize, max_entries: usize) -> SegmentCacheConfig {
         SegmentCacheConfig { max_bytes, max_entries }
     }
@@ -240,11 +248,11 @@ mod tests {
     #[test]
     fn hit_returns_what_was_inserted() {
         let mut cache = SegmentCache::new(SegmentCacheConfig::default());
-        assert_eq!(cache.get("system prompt", false), None);
-        cache.insert("system prompt", false, &[1, 2, 3]);
-        assert_eq!(cache.get("system prompt", false), Some(&[1, 2, 3][..]));
+        assert_eq!(ids(&mut cache, "system prompt", false), None);
+        cache.insert("system prompt", false, &[1, 2, 3], 3.25);
+        assert_eq!(cache.get("system prompt", false), Some((&[1, 2, 3][..], 3.25)));
         // The start-of-prompt flag is part of the key.
-        assert_eq!(cache.get("system prompt", true), None);
+        assert_eq!(ids(&mut cache, "system prompt", true), None);
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.misses, stats.insertions, stats.entries), (1, 2, 1, 1));
         assert_eq!(stats.bytes, entry_bytes(13, 3));
@@ -254,17 +262,17 @@ mod tests {
     fn entry_bound_evicts_the_unreferenced_first() {
         let mut cache = SegmentCache::new(config(1 << 20, 3));
         for (i, text) in ["a", "b", "c"].iter().enumerate() {
-            cache.insert(text, false, &[i as u32]);
+            cache.insert(text, false, &[i as u32], 0.5);
         }
         // `a` and `c` are used again; `b` is not, so it is the one to go.
-        assert!(cache.get("a", false).is_some());
-        assert!(cache.get("c", false).is_some());
-        cache.insert("d", false, &[3]);
+        assert!(ids(&mut cache, "a", false).is_some());
+        assert!(ids(&mut cache, "c", false).is_some());
+        cache.insert("d", false, &[3], 0.5);
         assert_eq!(cache.stats().entries, 3);
         assert_eq!(cache.stats().evictions, 1);
-        assert!(cache.get("b", false).is_none());
+        assert!(ids(&mut cache, "b", false).is_none());
         for text in ["a", "c", "d"] {
-            assert!(cache.get(text, false).is_some(), "{text}");
+            assert!(ids(&mut cache, text, false).is_some(), "{text}");
         }
     }
 
@@ -274,18 +282,18 @@ mod tests {
         let mut cache = SegmentCache::new(config(budget, 1000));
         for i in 0..50u32 {
             let text = format!("{i:0>100}");
-            cache.insert(&text, false, &[i; 25]);
+            cache.insert(&text, false, &[i; 25], 0.5);
             assert!(cache.stats().bytes <= budget);
         }
         assert_eq!(cache.stats().entries, 4);
         // The most recent segments are the ones left, with their own ids.
-        assert_eq!(cache.get(&format!("{:0>100}", 49), false), Some(&[49u32; 25][..]));
+        assert_eq!(ids(&mut cache, &format!("{:0>100}", 49), false), Some(&[49u32; 25][..]));
     }
 
     #[test]
     fn oversized_segment_is_not_cached() {
         let mut cache = SegmentCache::new(config(1000, 10));
-        cache.insert(&"x".repeat(300), false, &[1; 10]);
+        cache.insert(&"x".repeat(300), false, &[1; 10], 0.5);
         assert_eq!(cache.stats().too_large, 1);
         assert_eq!(cache.stats().entries, 0);
     }
@@ -293,8 +301,8 @@ mod tests {
     #[test]
     fn disabled_cache_holds_nothing() {
         let mut cache = SegmentCache::new(SegmentCacheConfig::DISABLED);
-        cache.insert("a", false, &[1]);
-        assert_eq!(cache.get("a", false), None);
+        cache.insert("a", false, &[1], 0.5);
+        assert_eq!(ids(&mut cache, "a", false), None);
         assert_eq!(cache.stats().entries, 0);
     }
 
@@ -302,9 +310,9 @@ mod tests {
     fn slots_are_reused_after_eviction() {
         let mut cache = SegmentCache::new(config(1 << 20, 2));
         for i in 0..100u32 {
-            cache.insert(&i.to_string(), false, &[i]);
+            cache.insert(&i.to_string(), false, &[i], 0.5);
         }
         assert_eq!(cache.slots.len(), 2);
-        assert_eq!(cache.get("99", false), Some(&[99u32][..]));
+        assert_eq!(ids(&mut cache, "99", false), Some(&[99u32][..]));
     }
 }

@@ -12,9 +12,11 @@ use crate::hash::{BlockHash, BlockHasher, BlockSalt, TokenId};
 enum Outcome {
     /// The whole text is encoded.
     Complete,
-    /// The check asked to stop; the text from byte `rest` on was not encoded. `added_correction`
-    /// is [`estimate::added_token_correction`] summed over the added tokens before `rest`.
-    Stopped { rest: usize, added_correction: f32 },
+    /// The check asked to stop; the text from byte `rest` on was not encoded. `exact_prior` is
+    /// the [`estimate::prior`] of the text before `rest`, each added token in it counted as one:
+    /// summed piece by piece, with cached segments' priors from the cache, so text that hit the
+    /// cache is never scanned for it.
+    Stopped { rest: usize, exact_prior: f32 },
 }
 
 /// The result of [`Encoder::walk_blocks`]: exact block hashes as far as some worker could hold the
@@ -143,7 +145,7 @@ impl Encoder {
             // model runs at most about a block past the first miss.
             encode_pieces(&inner.engine, text, scratch, Some(cache), block_size.max(1), tokens, &mut check)?
         } else {
-            Outcome::Stopped { rest: 0, added_correction: 0.0 }
+            Outcome::Stopped { rest: 0, exact_prior: 0.0 }
         };
         let (exact, total_tokens) = match outcome {
             // Stopped on the text's last ids: nothing is left to estimate.
@@ -156,13 +158,10 @@ impl Encoder {
                 check(tokens);
                 (true, tokens.len())
             }
-            Outcome::Stopped { rest, added_correction } => {
-                let (done, left) = text.split_at_checked(rest).unwrap_or((text, ""));
+            Outcome::Stopped { rest, exact_prior } => {
+                let left = text.get(rest..).unwrap_or("");
                 let text_tokens = tokens.len() - prefix.len();
-                // The exact part's prior, added tokens counted as one each, without splitting it
-                // into pieces again: its added tokens were met on the way.
-                let done_prior = estimate::prior(done) + added_correction;
-                let estimate = estimate::remaining_tokens(&inner.engine, done_prior, text_tokens, left);
+                let estimate = estimate::remaining_tokens(&inner.engine, exact_prior, text_tokens, left);
                 (false, tokens.len() + estimate + suffix.len())
             }
         };
@@ -193,28 +192,28 @@ fn encode_pieces(
     tokens: &mut Vec<TokenId>,
     check: &mut dyn FnMut(&[TokenId]) -> bool,
 ) -> Result<Outcome, TokenizeError> {
-    // Where the previous piece ended, and the estimate's correction for the added tokens so far.
-    let (mut last_end, mut added_correction) = (0, 0.0);
+    // The prior of the pieces so far (see `Outcome::Stopped`); pieces tile the text, so this
+    // equals the prior of the text up to here with each added token counted as one.
+    let mut exact_prior = 0.0;
     for piece in engine.pieces(text) {
         let (segment, start) = match piece {
             Piece::Added { id, end } => {
                 tokens.push(id);
-                added_correction += estimate::added_token_correction(text.get(last_end..end).unwrap_or(""));
-                last_end = end;
+                exact_prior += 1.0;
                 if !check(tokens) {
-                    return Ok(Outcome::Stopped { rest: end, added_correction });
+                    return Ok(Outcome::Stopped { rest: end, exact_prior });
                 }
                 continue;
             }
             Piece::Text { text, start } => (text, start),
         };
         let end = start + segment.len();
-        last_end = end;
         let at_start = start == 0;
-        if let Some(ids) = cache.as_deref_mut().and_then(|c| c.get(segment, at_start)) {
+        if let Some((ids, prior)) = cache.as_deref_mut().and_then(|c| c.get(segment, at_start)) {
             tokens.extend_from_slice(ids);
+            exact_prior += prior;
             if !check(tokens) {
-                return Ok(Outcome::Stopped { rest: end, added_correction });
+                return Ok(Outcome::Stopped { rest: end, exact_prior });
             }
             continue;
         }
@@ -225,12 +224,16 @@ fn encode_pieces(
         })?;
         match progress {
             Progress::Complete => {
+                // One vectorised pass over text the model just tokenized (far slower per byte).
+                let prior = estimate::prior(segment);
+                exact_prior += prior;
                 if let Some(cache) = cache.as_deref_mut() {
-                    cache.insert(segment, at_start, &tokens[from..]);
+                    cache.insert(segment, at_start, &tokens[from..], prior);
                 }
             }
             Progress::Stopped { consumed } => {
-                return Ok(Outcome::Stopped { rest: start + consumed, added_correction });
+                exact_prior += segment.get(..consumed).map_or(0.0, estimate::prior);
+                return Ok(Outcome::Stopped { rest: start + consumed, exact_prior });
             }
         }
     }

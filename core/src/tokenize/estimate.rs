@@ -91,13 +91,6 @@ fn prior_with_added(engine: &Engine, text: &str) -> f32 {
         .sum()
 }
 
-/// What turns [`prior`] of a text into its prior with added tokens counted as one each, for one
-/// added token whose text (with whatever it strips) is `token_text`: class counts add up over
-/// concatenation, so this is exact.
-pub(crate) fn added_token_correction(token_text: &str) -> f32 {
-    1.0 - prior(token_text)
-}
-
 /// Tokens estimated for `rest`, the part of a prompt after an exactly encoded part whose prior
 /// (added tokens counted as one) is `exact_prior` and whose `exact_tokens` ids are known (the
 /// text's own ids, without any the post-processor adds).
