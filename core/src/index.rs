@@ -221,6 +221,35 @@ impl PrefixIndex {
         }
     }
 
+    /// One step of a prefix walk block by block, for callers that look blocks up as they produce
+    /// them (early exit) and so need no second pass: every worker whose run in `runs` (indexed by
+    /// worker slot) is `depth` blocks long and who holds `hash` gets one more block. Returns
+    /// whether anyone was extended. Walking `hashes` in order from zero runs gives
+    /// [`longest_prefix`](Self::longest_prefix); walking two indexes with the same `runs` gives
+    /// their union.
+    pub fn extend_runs(&self, hash: BlockHash, depth: u32, runs: &mut [u32]) -> bool {
+        // An empty index (a fleet without KV events yet) costs no hashing.
+        if self.live == 0 {
+            return false;
+        }
+        let Some(pos) = self.find(hash) else { return false };
+        let mut extend = |worker: u16| match runs.get_mut(usize::from(worker)) {
+            Some(run) if *run == depth => {
+                *run = depth + 1;
+                true
+            }
+            _ => false,
+        };
+        let slot = &self.slots[pos as usize];
+        let mut extended = extend(slot.first.worker);
+        if slot.more != NIL {
+            for h in &self.extra_holders[slot.more as usize] {
+                extended |= extend(h.worker);
+            }
+        }
+        extended
+    }
+
     /// Size and activity figures.
     pub fn stats(&self) -> IndexStats {
         let holder = std::mem::size_of::<Holder>();
@@ -692,6 +721,31 @@ mod tests {
             let distinct: BTreeSet<u64> = model.keys().map(|(_, x)| *x).collect();
             prop_assert_eq!(idx.len(), distinct.len());
             prop_assert_eq!(idx.stats().placements, model.len() as u64);
+        }
+
+        /// A block-by-block walk with `extend_runs` finds what `longest_prefix` finds.
+        #[test]
+        fn extend_runs_walk_equals_longest_prefix(
+            ops in proptest::collection::vec(op(), 1..60),
+            query in proptest::collection::vec(0u64..24, 0..12),
+        ) {
+            let mut idx = PrefixIndex::new(10_000);
+            for op in &ops {
+                match op {
+                    Op::Store(w, v) => idx.store(WorkerSlot(*w), &h(&v.iter().map(|&x| x as u64).collect::<Vec<_>>())),
+                    Op::Remove(w, v) => idx.remove(WorkerSlot(*w), &h(&v.iter().map(|&x| x as u64).collect::<Vec<_>>())),
+                    Op::Clear(w) => idx.clear_worker(WorkerSlot(*w)),
+                }
+            }
+            let mut runs = vec![0u32; usize::from(PT_WORKERS)];
+            for (depth, hash) in h(&query).into_iter().enumerate() {
+                if !idx.extend_runs(hash, depth as u32, &mut runs) {
+                    break;
+                }
+            }
+            let walked: BTreeMap<u16, u32> =
+                runs.iter().enumerate().filter(|(_, r)| **r > 0).map(|(w, r)| (w as u16, *r)).collect();
+            prop_assert_eq!(walked, prefix(&idx, &query));
         }
 
         /// Under capacity pressure the index never exceeds its bound and stays self-consistent.

@@ -175,6 +175,8 @@ pub struct Router {
     /// Reused per request: the prompt's ids and block hashes.
     tokens: Vec<TokenId>,
     hashes: Vec<BlockHash>,
+    /// Reused per request: each worker's cached prefix, counted during kv-aware's walk.
+    runs: Vec<u32>,
 }
 
 impl Router {
@@ -221,6 +223,7 @@ impl Router {
             early_exit: config.early_exit,
             tokens: Vec::new(),
             hashes: Vec::new(),
+            runs: Vec::new(),
         };
         router.apply_fleet(config.workers.iter().cloned())?;
         Ok(router)
@@ -287,6 +290,8 @@ impl Router {
         self.hashes.clear();
         let stale = self.state_is_stale(now_ms);
         let mut render = None;
+        // Whether kv-aware's walk counted the overlaps (into `runs`) as it went.
+        let mut walked = false;
         let (block_size, prompt_tokens, degraded) = match self.models.get_mut(model_name) {
             Some(model) if stale => {
                 // Load alone decides: the prompt's blocks would not be looked at.
@@ -305,18 +310,30 @@ impl Router {
                         ids.len() as u64
                     }
                     // kv-aware only needs exact ids as far as some worker holds the prefix: stop
-                    // at the first block neither the fleet's index nor this proxy's recent
-                    // decisions hold, and estimate the rest of the length from its bytes.
+                    // at the first block with which no worker continues its cached prefix (in
+                    // the fleet's index or this proxy's recent decisions), and estimate the rest
+                    // of the length from its bytes. The walk counts each worker's prefix as it
+                    // goes, so scoring reads neither index again.
                     PromptInput::Text { text, add_special_tokens }
                         if self.early_exit && policy.kind() == PolicyKind::KvAware =>
                     {
                         let (index, local) = (&self.index, policy.approx().map(|a| a.index()));
-                        let held = |h| index.contains(h) || local.is_some_and(|l| l.contains(h));
+                        let runs = &mut self.runs;
+                        runs.clear();
+                        runs.resize(self.fleet.slot_bound(), 0);
+                        let mut depth = 0;
+                        let held = |h| {
+                            let fleet = index.extend_runs(h, depth, runs);
+                            let recent = local.is_some_and(|l| l.extend_runs(h, depth, runs));
+                            depth += 1;
+                            fleet || recent
+                        };
                         let walk = model
                             .encoder
                             .walk_blocks(&text, add_special_tokens, block_size as usize, salt, held)
                             .map_err(|e| internal(&e))?;
                         self.hashes.extend_from_slice(walk.hashes);
+                        walked = true;
                         walk.total_tokens as u64
                     }
                     PromptInput::Text { text, add_special_tokens } => {
@@ -360,7 +377,11 @@ impl Router {
             None => self.policies.get_mut(model_name).unwrap_or(&mut self.default_policy),
         };
         let policy_kind = policy.kind();
-        let decision = self.scorer.route(policy, &input, &self.fleet, &self.index, &mut self.rng);
+        let decision = if walked && degraded.is_none() {
+            self.scorer.route_walked(policy, &input, &self.runs, &self.fleet, &mut self.rng)
+        } else {
+            self.scorer.route(policy, &input, &self.fleet, &self.index, &mut self.rng)
+        };
         let worker = match decision.outcome {
             Outcome::Routed(worker) => worker,
             Outcome::Shed => {

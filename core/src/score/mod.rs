@@ -244,6 +244,15 @@ impl Policy {
     }
 }
 
+/// Where a decision's per-worker overlaps come from.
+#[derive(Clone, Copy)]
+enum Overlaps<'a> {
+    /// Looked up from the request's hashes in the fleet's index and the policy's predictions.
+    Lookup(&'a PrefixIndex),
+    /// Counted by the caller's walk, by worker slot.
+    Walked(&'a [u32]),
+}
+
 /// One worker's figures in the last decision.
 #[derive(Clone, Copy, PartialEq, Debug)]
 struct CandidateScore {
@@ -310,7 +319,25 @@ impl Scorer {
         rng: &mut SplitMix64,
     ) -> Decision {
         policy.expire(input.now_ms);
-        let decision = self.decide(policy, input, fleet, index, rng);
+        let decision = self.decide_from(policy, input, fleet, Overlaps::Lookup(index), rng);
+        policy.record(input, &decision);
+        decision
+    }
+
+    /// [`route`](Self::route) for a request whose overlaps the caller already counted while it
+    /// walked the blocks (early exit: [`PrefixIndex::extend_runs`] over the fleet's index and
+    /// [`Policy::approx`]'s, in that order, as the walk produced each block): `runs[slot]` is the
+    /// worker's cached prefix in blocks. Saves reading the indexes a second time.
+    pub fn route_walked(
+        &mut self,
+        policy: &mut Policy,
+        input: &RouteInput<'_>,
+        runs: &[u32],
+        fleet: &Fleet,
+        rng: &mut SplitMix64,
+    ) -> Decision {
+        policy.expire(input.now_ms);
+        let decision = self.decide_from(policy, input, fleet, Overlaps::Walked(runs), rng);
         policy.record(input, &decision);
         decision
     }
@@ -325,6 +352,17 @@ impl Scorer {
         index: &PrefixIndex,
         rng: &mut SplitMix64,
     ) -> Decision {
+        self.decide_from(policy, input, fleet, Overlaps::Lookup(index), rng)
+    }
+
+    fn decide_from(
+        &mut self,
+        policy: &Policy,
+        input: &RouteInput<'_>,
+        fleet: &Fleet,
+        overlaps: Overlaps<'_>,
+        rng: &mut SplitMix64,
+    ) -> Decision {
         let config = policy.config;
         let shape = Shape::new(
             input.hashes.len(),
@@ -334,7 +372,14 @@ impl Scorer {
         );
         self.model.clear();
         self.model.push_str(input.model);
-        self.lookup_overlaps(policy, input.hashes, fleet, index);
+        match overlaps {
+            Overlaps::Lookup(index) => self.lookup_overlaps(policy, input.hashes, fleet, index),
+            Overlaps::Walked(runs) => {
+                self.overlap_by_slot.clear();
+                self.overlap_by_slot.extend_from_slice(&runs[..runs.len().min(fleet.slot_bound())]);
+                self.overlap_by_slot.resize(fleet.slot_bound(), 0);
+            }
+        }
         let eligible = self.score_fleet(policy, input.model, &shape, fleet);
 
         let chosen = if eligible == 0 {

@@ -585,3 +585,37 @@ fn policies_are_selected_by_name() {
     let bad = RoutingConfig { temperature: -1.0, ..RoutingConfig::default() };
     assert!(matches!(Policy::new(bad), Err(Error::InvalidConfig { field: "temperature", .. })));
 }
+
+#[test]
+fn walked_overlaps_decide_as_index_lookups_do() {
+    let mut fleet = fleet(4);
+    load(&mut fleet, 1).running = 3;
+    let prompt = blocks(4, 12);
+    let mut index = PrefixIndex::new(1000);
+    index.store(WorkerSlot(2), &prompt[..5]);
+    index.store(WorkerSlot(3), &prompt[..2]);
+    let mut policy = policy(PolicyKind::KvAware);
+    let (mut scorer, mut rng) = (Scorer::new(), SplitMix64::new(9));
+    // A first request leaves an optimistic entry for where it went.
+    let first = scorer.route(&mut policy, &input(&prompt[..8]), &fleet, &index, &mut rng);
+    for n in [1, 4, 8, 12] {
+        let request = RouteInput { now_ms: 10, ..input(&prompt[..n]) };
+        let mut runs = vec![0; fleet.slot_bound()];
+        for (depth, &hash) in request.hashes.iter().enumerate() {
+            let fleet_held = index.extend_runs(hash, depth as u32, &mut runs);
+            let recent = policy.approx().unwrap().index().extend_runs(hash, depth as u32, &mut runs);
+            if !fleet_held && !recent {
+                break;
+            }
+        }
+        let (mut p1, mut p2) = (policy.clone(), policy.clone());
+        let (mut s1, mut s2) = (scorer.clone(), scorer.clone());
+        let (mut r1, mut r2) = (rng.clone(), rng.clone());
+        let looked_up = s1.route(&mut p1, &request, &fleet, &index, &mut r1);
+        let walked = s2.route_walked(&mut p2, &request, &runs, &fleet, &mut r2);
+        assert_eq!(looked_up, walked, "{n} blocks");
+        if n >= 8 {
+            assert_eq!((routed(&walked), walked.overlap_blocks), (routed(&first), 8), "{n} blocks");
+        }
+    }
+}
