@@ -173,7 +173,7 @@ fn bench_score(c: &mut Criterion) {
         })
     });
 
-    // Warm buffers: deciding allocates nothing; learning (approx-prefix) only when its queues grow.
+    // Warm buffers: deciding allocates nothing; learning (approx-prefix) only while its index grows.
     let kv_allocs = allocations(|| {
         for _ in 0..100 {
             black_box(scorer.route(&mut kv, &input(0), &fleet, &index, &mut rng));

@@ -35,7 +35,7 @@ pub(crate) use kv::Shape;
 use crate::error::Error;
 use crate::fleet::{Fleet, WorkerSlot, WorkerState};
 use crate::hash::BlockHash;
-use crate::index::{Overlap, PrefixIndex};
+use crate::index::PrefixIndex;
 use crate::load::WorkerLoad;
 
 use kv::block_cost;
@@ -218,10 +218,11 @@ impl Policy {
         self.approx.as_ref()
     }
 
-    /// Forgets predictions that expired at or before `now_ms`.
+    /// Frees predictions that expired at or before `now_ms`, a few slots per call (expired ones
+    /// are ignored on reading anyway; this gives their memory back).
     pub fn expire(&mut self, now_ms: u64) {
         if let Some(approx) = &mut self.approx {
-            approx.expire(now_ms);
+            approx.expire(now_ms, EXPIRE_SLOTS_PER_CALL);
         }
     }
 
@@ -243,6 +244,10 @@ impl Policy {
         }
     }
 }
+
+/// Prediction slots [`Policy::expire`] visits per call: at thousands of decisions a second, a
+/// full 100,000-block index is swept every few seconds.
+const EXPIRE_SLOTS_PER_CALL: usize = 32;
 
 /// Where a decision's per-worker overlaps come from.
 #[derive(Clone, Copy)]
@@ -294,7 +299,6 @@ struct LastDecision {
 /// Scores requests against a fleet, reusing its buffers from one call to the next.
 #[derive(Clone, Debug, Default)]
 pub struct Scorer {
-    overlaps: Vec<Overlap>,
     overlap_by_slot: Vec<u32>,
     candidates: Vec<CandidateScore>,
     weights: Vec<f64>,
@@ -373,7 +377,7 @@ impl Scorer {
         self.model.clear();
         self.model.push_str(input.model);
         match overlaps {
-            Overlaps::Lookup(index) => self.lookup_overlaps(policy, input.hashes, fleet, index),
+            Overlaps::Lookup(index) => self.lookup_overlaps(policy, input, fleet, index),
             Overlaps::Walked(runs) => {
                 self.overlap_by_slot.clear();
                 self.overlap_by_slot.extend_from_slice(&runs[..runs.len().min(fleet.slot_bound())]);
@@ -458,23 +462,31 @@ impl Scorer {
         })
     }
 
-    /// Fills `overlap_by_slot` with each worker's cached prefix, from the index the policy reads.
-    fn lookup_overlaps(&mut self, policy: &Policy, hashes: &[BlockHash], fleet: &Fleet, index: &PrefixIndex) {
+    /// Fills `overlap_by_slot` with each worker's cached prefix, from the index the policy reads:
+    /// one walk over the blocks while anyone extends. kv-aware reads the fleet's index and its
+    /// optimistic entries together (a prompt just sent may not be in the engine's events yet; a
+    /// block in either counts), approx-prefix its own predictions only.
+    fn lookup_overlaps(
+        &mut self,
+        policy: &Policy,
+        input: &RouteInput<'_>,
+        fleet: &Fleet,
+        index: &PrefixIndex,
+    ) {
         self.overlap_by_slot.clear();
         self.overlap_by_slot.resize(fleet.slot_bound(), 0);
-        // kv-aware reads the fleet's index and then its optimistic entries (a prompt just sent may
-        // not be in the engine's events yet); approx-prefix reads its own predictions only.
         let (fleet_index, local) = match policy.kind() {
             PolicyKind::KvAware => (Some(index), policy.approx.as_ref()),
             PolicyKind::ApproxPrefix => (None, policy.approx.as_ref()),
             _ => return,
         };
-        for index in fleet_index.into_iter().chain(local.map(ApproxIndex::index)) {
-            index.longest_prefix(hashes, &mut self.overlaps);
-            for o in &self.overlaps {
-                if let Some(blocks) = self.overlap_by_slot.get_mut(o.worker.index()) {
-                    *blocks = (*blocks).max(o.blocks);
-                }
+        let runs = &mut self.overlap_by_slot;
+        for (depth, &hash) in input.hashes.iter().enumerate() {
+            let depth = depth as u32;
+            let held = fleet_index.is_some_and(|i| i.extend_runs(hash, depth, runs));
+            let predicted = local.is_some_and(|l| l.extend_runs(hash, depth, runs, input.now_ms));
+            if !held && !predicted {
+                break;
             }
         }
     }
