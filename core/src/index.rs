@@ -683,6 +683,20 @@ mod tests {
         ]
     }
 
+    /// An index after `ops`, with room for all of them.
+    fn built(ops: &[Op]) -> PrefixIndex {
+        let mut idx = PrefixIndex::new(10_000);
+        let blocks = |v: &[u8]| h(&v.iter().map(|&x| u64::from(x)).collect::<Vec<_>>());
+        for op in ops {
+            match op {
+                Op::Store(w, v) => idx.store(WorkerSlot(*w), &blocks(v)),
+                Op::Remove(w, v) => idx.remove(WorkerSlot(*w), &blocks(v)),
+                Op::Clear(w) => idx.clear_worker(WorkerSlot(*w)),
+            }
+        }
+        idx
+    }
+
     proptest! {
         /// Without capacity pressure the index equals a plain multiset model of the events.
         #[test]
@@ -729,14 +743,7 @@ mod tests {
             ops in proptest::collection::vec(op(), 1..60),
             query in proptest::collection::vec(0u64..24, 0..12),
         ) {
-            let mut idx = PrefixIndex::new(10_000);
-            for op in &ops {
-                match op {
-                    Op::Store(w, v) => idx.store(WorkerSlot(*w), &h(&v.iter().map(|&x| x as u64).collect::<Vec<_>>())),
-                    Op::Remove(w, v) => idx.remove(WorkerSlot(*w), &h(&v.iter().map(|&x| x as u64).collect::<Vec<_>>())),
-                    Op::Clear(w) => idx.clear_worker(WorkerSlot(*w)),
-                }
-            }
+            let idx = built(&ops);
             let mut runs = vec![0u32; usize::from(PT_WORKERS)];
             for (depth, hash) in h(&query).into_iter().enumerate() {
                 if !idx.extend_runs(hash, depth as u32, &mut runs) {
@@ -774,14 +781,7 @@ mod tests {
         /// The longest prefix equals a direct walk of the model.
         #[test]
         fn longest_prefix_matches_a_direct_walk(ops in proptest::collection::vec(op(), 1..60), query in proptest::collection::vec(0u8..24, 0..8)) {
-            let mut idx = PrefixIndex::new(10_000);
-            for op in &ops {
-                match op {
-                    Op::Store(w, v) => idx.store(WorkerSlot(*w), &h(&v.iter().map(|&x| x as u64).collect::<Vec<_>>())),
-                    Op::Remove(w, v) => idx.remove(WorkerSlot(*w), &h(&v.iter().map(|&x| x as u64).collect::<Vec<_>>())),
-                    Op::Clear(w) => idx.clear_worker(WorkerSlot(*w)),
-                }
-            }
+            let idx = built(&ops);
             let q: Vec<u64> = query.iter().map(|&x| x as u64).collect();
             let got = prefix(&idx, &q);
             for w in 0..PT_WORKERS {
