@@ -112,7 +112,8 @@ impl Default for LoadLimits {
 pub struct ApproxConfig {
     /// How long a routed prompt is assumed to stay cached on its worker, milliseconds.
     pub ttl_ms: u64,
-    /// Most blocks remembered; past it the oldest decisions are forgotten first.
+    /// Most blocks remembered (40 bytes each, up to 4 workers per block); past it expired blocks
+    /// and blocks not routed again recently are dropped first.
     pub max_blocks: usize,
 }
 
