@@ -317,16 +317,14 @@ impl Router {
                     PromptInput::Text { text, add_special_tokens }
                         if self.early_exit && policy.kind() == PolicyKind::KvAware =>
                     {
-                        let (index, local) = (&self.index, policy.approx());
-                        let runs = &mut self.runs;
+                        let (index, runs) = (&self.index, &mut self.runs);
                         runs.clear();
                         runs.resize(self.fleet.slot_bound(), 0);
                         let mut depth = 0;
                         let held = |h| {
-                            let fleet = index.extend_runs(h, depth, runs);
-                            let recent = local.is_some_and(|l| l.extend_runs(h, depth, runs, now_ms));
+                            let grew = policy.extend_runs(index, h, depth, runs, now_ms);
                             depth += 1;
-                            fleet || recent
+                            grew
                         };
                         let walk = model
                             .encoder

@@ -237,6 +237,24 @@ impl Policy {
         }
     }
 
+    /// One block of a prefix walk over what this policy reads, as
+    /// [`PrefixIndex::extend_runs`]: kv-aware reads the fleet's `index` and its optimistic
+    /// entries (a prompt just sent may not be in the engine's events yet; a block in either
+    /// counts), approx-prefix its own predictions, other policies nothing. Returns whether any
+    /// worker's run grew: a walk stops at the first block for which none does.
+    pub fn extend_runs(
+        &self,
+        index: &PrefixIndex,
+        hash: BlockHash,
+        depth: u32,
+        runs: &mut [u32],
+        now_ms: u64,
+    ) -> bool {
+        let held = self.config.policy == PolicyKind::KvAware && index.extend_runs(hash, depth, runs);
+        let predicted = self.approx.as_ref().is_some_and(|a| a.extend_runs(hash, depth, runs, now_ms));
+        held || predicted
+    }
+
     /// Forgets what was learnt about a worker (call when it leaves the fleet: its slot is reused).
     pub fn forget_worker(&mut self, worker: WorkerSlot) {
         if let Some(approx) = &mut self.approx {
@@ -462,10 +480,8 @@ impl Scorer {
         })
     }
 
-    /// Fills `overlap_by_slot` with each worker's cached prefix, from the index the policy reads:
-    /// one walk over the blocks while anyone extends. kv-aware reads the fleet's index and its
-    /// optimistic entries together (a prompt just sent may not be in the engine's events yet; a
-    /// block in either counts), approx-prefix its own predictions only.
+    /// Fills `overlap_by_slot` with each worker's cached prefix, as the policy reads it
+    /// ([`Policy::extend_runs`]): one walk over the blocks while anyone extends.
     fn lookup_overlaps(
         &mut self,
         policy: &Policy,
@@ -475,17 +491,8 @@ impl Scorer {
     ) {
         self.overlap_by_slot.clear();
         self.overlap_by_slot.resize(fleet.slot_bound(), 0);
-        let (fleet_index, local) = match policy.kind() {
-            PolicyKind::KvAware => (Some(index), policy.approx.as_ref()),
-            PolicyKind::ApproxPrefix => (None, policy.approx.as_ref()),
-            _ => return,
-        };
-        let runs = &mut self.overlap_by_slot;
         for (depth, &hash) in input.hashes.iter().enumerate() {
-            let depth = depth as u32;
-            let held = fleet_index.is_some_and(|i| i.extend_runs(hash, depth, runs));
-            let predicted = local.is_some_and(|l| l.extend_runs(hash, depth, runs, input.now_ms));
-            if !held && !predicted {
+            if !policy.extend_runs(index, hash, depth as u32, &mut self.overlap_by_slot, input.now_ms) {
                 break;
             }
         }

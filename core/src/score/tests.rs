@@ -603,9 +603,7 @@ fn walked_overlaps_decide_as_index_lookups_do() {
         let request = RouteInput { now_ms: 10, ..input(&prompt[..n]) };
         let mut runs = vec![0; fleet.slot_bound()];
         for (depth, &hash) in request.hashes.iter().enumerate() {
-            let fleet_held = index.extend_runs(hash, depth as u32, &mut runs);
-            let recent = policy.approx().unwrap().extend_runs(hash, depth as u32, &mut runs, 10);
-            if !fleet_held && !recent {
+            if !policy.extend_runs(&index, hash, depth as u32, &mut runs, 10) {
                 break;
             }
         }
