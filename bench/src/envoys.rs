@@ -15,11 +15,7 @@ use kvmesh_tests::envoy::EnvoyConfig;
 use kvmesh_tests::{Process, TempDir, envoy_binary, free_port, http, localhost, tokenizer_dir};
 use serde::{Deserialize, Serialize};
 
-use kvmesh_core::tokenize::canonicalize;
-use kvmesh_core::{PolicyKind, RoutingConfig};
-
-use crate::stages::BLOCK_SIZE;
-use crate::workload::MODEL;
+use kvmesh_core::PolicyKind;
 
 /// The header the filter writes and the override_host policy reads.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -208,40 +204,13 @@ pub fn filter_yaml(admin: u16, listener: u16, upstream_ports: &[u16], plugin_con
     format!("stats_flush_interval: {}s\n{}", STATS_FLUSH.as_secs(), config.to_yaml())
 }
 
-/// The filter's plugin configuration: Qwen3's tokenizer files inline (`tokenizer.json` in the
-/// canonical form, converted here as the control plane converts what it serves), one static worker
-/// per upstream port (block size 16), the default policy unless `policy` names one; `segment_cache_bytes`
-/// overrides the segment cache size.
+/// [`crate::plugin::plugin_config`] with the Qwen3 tokenizer files `make setup` installs.
 pub fn plugin_config(
     upstream_ports: &[u16],
     segment_cache_bytes: Option<usize>,
     policy: Option<PolicyKind>,
 ) -> Result<String> {
-    let dir = tokenizer_dir("qwen3");
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name)).with_context(|| format!("read {}", dir.join(name).display()))
-    };
-    let workers: Vec<String> = upstream_ports
-        .iter()
-        .enumerate()
-        .map(|(i, port)| {
-            format!(
-                r#"{{"id":"worker-{i}","address":"127.0.0.1:{port}","model":"{MODEL}","block_size":{BLOCK_SIZE}}}"#
-            )
-        })
-        .collect();
-    let mut extra =
-        segment_cache_bytes.map(|b| format!(r#","segment_cache":{{"max_bytes":{b}}}"#)).unwrap_or_default();
-    if let Some(policy) = policy {
-        let routing = RoutingConfig { policy, ..RoutingConfig::default() };
-        extra.push_str(&format!(r#","routing":{}"#, serde_json::to_string(&routing)?));
-    }
-    Ok(format!(
-        r#"{{"models":[{{"name":"{MODEL}","tokenizer":{},"tokenizer_config":{}}}],"workers":[{}]{extra}}}"#,
-        canonicalize(&read("tokenizer.json")?)?,
-        read("tokenizer_config.json")?,
-        workers.join(",")
-    ))
+    crate::plugin::plugin_config(&tokenizer_dir("qwen3"), upstream_ports, segment_cache_bytes, policy)
 }
 
 /// A running Envoy; stopped on drop.

@@ -17,6 +17,7 @@ pub mod load;
 pub mod native;
 #[cfg(not(target_os = "wasi"))]
 pub mod overhead;
+pub mod plugin;
 #[cfg(not(target_os = "wasi"))]
 pub mod report;
 pub mod stages;

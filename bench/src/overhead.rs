@@ -452,12 +452,14 @@ fn native(
 /// The stages in node's V8 with Liftoff off (Envoy's V8 compiles with TurboFan only).
 fn v8_stages(module: &Path, iterations: usize, workloads: &[&Workload]) -> Result<StagesRun> {
     eprintln!("V8 stages: node --no-liftoff {}", module.display());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("v8/filter-stages.mjs");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("v8/run-wasi.mjs");
     let output = Command::new("node")
-        .arg("--no-liftoff")
+        .args(["--no-liftoff", "--single-threaded-gc"])
         .arg(&script)
+        .arg("--mount")
+        .arg(format!("{}:/tokenizer", tokenizer_dir("qwen3").display()))
         .arg(module)
-        .arg(tokenizer_dir("qwen3"))
+        .arg("/tokenizer")
         .arg(iterations.to_string())
         .args(workloads.iter().map(|w| w.name))
         .stderr(Stdio::inherit())

@@ -1,6 +1,6 @@
 //! `filter-stages`: the filter's per-request steps (parse, render, tokenize, hash) timed on the
 //! benchmark's workloads, printed as one JSON document. Built for wasm32-wasip1 and run by
-//! `bench/v8/filter-stages.mjs` in node's V8 with Liftoff off (Envoy's V8 compiles with TurboFan
+//! `bench/v8/run-wasi.mjs` in node's V8 with Liftoff off (Envoy's V8 compiles with TurboFan
 //! only), it splits the filter's in-Envoy decision time by stage; natively it gives the same split
 //! for native code.
 //!

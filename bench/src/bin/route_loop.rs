@@ -1,52 +1,98 @@
-//! `route-loop`: the filter's whole decision (`Router::route` of `kvmesh-filter`, natively) run in
-//! a loop on one workload, for profilers. Timings on a shared machine move by tens of percent from
-//! run to run; an instruction count does not, so compare two builds with callgrind, counting only
-//! inside the router (bench/README.md, "Comparing two builds"):
+//! `route-loop`: the filter's whole decision (`Router::route` of `kvmesh-filter`) run in a loop on
+//! one workload, for profilers, natively or in node's V8 (built for wasm32-wasip1, run by
+//! `bench/v8/run-wasi.mjs`). Timings on a shared machine move by tens of percent from run to run;
+//! an instruction count does not, so compare two builds with callgrind, counting only inside the
+//! router (bench/README.md, "Comparing two builds"):
 //!
 //! `valgrind --tool=callgrind --toggle-collect='kvmesh_filter::router::Router::route*' \
 //!   route-loop --workload chat-4k-warm --policy kv-aware --iterations 1500`
 
 use std::hint::black_box;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow};
-use clap::Parser;
-use kvmesh_bench::{envoys, stages, workload};
+use anyhow::{Context, Result, anyhow, bail};
+use kvmesh_bench::{plugin, stages, workload};
 use kvmesh_core::PolicyKind;
 use kvmesh_filter::FilterConfig;
 use kvmesh_filter::router::Router;
 
-/// Runs the filter's decision in a loop and prints its median time.
-#[derive(Parser, Debug)]
-#[command(name = "route-loop")]
+const USAGE: &str = "\
+usage: route-loop [--workload NAME] [--policy NAME] [--iterations N] [--cold] [--tokenizer DIR]
+
+Runs the filter's decision in a loop and prints its median time.
+
+  --workload NAME   workload, as in `envoy-overhead --workload` (default: chat-4k-warm)
+  --policy NAME     routing policy (default: the `filter` target's, approx-prefix)
+  --iterations N    requests to route (default: 1500). The first ones teach the router the shared
+                    prefix, one block per request under kv-aware: use well over the prompt's block
+                    count (4k tokens: 256 blocks)
+  --cold            write 48 MiB before every request, so it starts with cold caches (as in Envoy)
+  --tokenizer DIR   Qwen3's tokenizer.json and tokenizer_config.json (default: where `make setup`
+                    puts them; required in wasm)";
+
+/// What to run.
 struct Args {
-    /// Workload name (as in `envoy-overhead --workload`).
-    #[arg(long, default_value = "chat-4k-warm")]
     workload: String,
-    /// Routing policy: the `filter` target's default (approx-prefix) unless named.
-    #[arg(long, value_parser = parse_policy)]
     policy: Option<PolicyKind>,
-    /// Requests to route. The first ones teach the router the shared prefix, one block per
-    /// request under kv-aware: use well over the prompt's block count (4k tokens: 256 blocks).
-    #[arg(long, default_value_t = 1500)]
     iterations: usize,
-    /// Write 48 MiB before every request, so it starts with cold caches (as in Envoy).
-    #[arg(long)]
     cold: bool,
+    tokenizer: Option<PathBuf>,
 }
 
-fn parse_policy(name: &str) -> Result<PolicyKind, String> {
-    PolicyKind::from_name(name).ok_or_else(|| format!("unknown policy `{name}`"))
+impl Args {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Args> {
+        let mut parsed = Args {
+            workload: "chat-4k-warm".to_owned(),
+            policy: None,
+            iterations: 1500,
+            cold: false,
+            tokenizer: None,
+        };
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--workload" => parsed.workload = value()?,
+                "--policy" => {
+                    let name = value()?;
+                    parsed.policy = Some(
+                        PolicyKind::from_name(&name).with_context(|| format!("unknown policy `{name}`"))?,
+                    );
+                }
+                "--iterations" => {
+                    parsed.iterations = value()?.parse().context("--iterations takes a number")?
+                }
+                "--cold" => parsed.cold = true,
+                "--tokenizer" => parsed.tokenizer = Some(value()?.into()),
+                other => bail!("unknown argument `{other}`\n\n{USAGE}"),
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+#[cfg(not(target_os = "wasi"))]
+fn default_tokenizer_dir() -> Result<PathBuf> {
+    Ok(kvmesh_tests::tokenizer_dir("qwen3"))
+}
+
+#[cfg(target_os = "wasi")]
+fn default_tokenizer_dir() -> Result<PathBuf> {
+    bail!("--tokenizer DIR is required in wasm (a directory the runtime mounted)")
 }
 
 fn run(args: &Args) -> Result<f64> {
-    let tokenizer = stages::load_tokenizer(&kvmesh_tests::tokenizer_dir("qwen3"))?;
+    let dir = match &args.tokenizer {
+        Some(dir) => dir.clone(),
+        None => default_tokenizer_dir()?,
+    };
+    let tokenizer = stages::load_tokenizer(&dir)?;
     let load = workload::all(&tokenizer)?
         .into_iter()
         .find(|w| w.name == args.workload)
         .with_context(|| format!("no workload `{}`", args.workload))?;
-    let plugin = envoys::plugin_config(&[1, 2, 3, 4], None, args.policy)?;
+    let plugin = plugin::plugin_config(&dir, &[1, 2, 3, 4], None, args.policy)?;
     let config = FilterConfig::from_bytes(Some(plugin.as_bytes())).map_err(|e| anyhow!("{e}"))?;
     let mut router = Router::new(&config).map_err(|e| anyhow!("{e}"))?;
     let mut sweep = if args.cold { vec![0u8; 48 << 20] } else { Vec::new() };
@@ -71,9 +117,13 @@ fn run(args: &Args) -> Result<f64> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(median) => {
+    if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let result = Args::parse(std::env::args().skip(1)).and_then(|args| Ok((run(&args)?, args)));
+    match result {
+        Ok((median, args)) => {
             println!("{} x{}: median {median:.1} us", args.workload, args.iterations);
             ExitCode::SUCCESS
         }
