@@ -11,7 +11,7 @@ SHELL := bash
 ENV := . scripts/env.sh &&
 CARGO := $(ENV) cargo
 
-.PHONY: help setup setup-vllm build wasm lint test bench bench-envoy demo clean
+.PHONY: help setup setup-vllm build wasm test-wasm lint test bench bench-envoy demo clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -31,12 +31,18 @@ wasm: ## Build the filter module Envoy loads (path: KVMESH_FILTER_WASM).
 	@$(CARGO) build -p kvmesh-core -p kvmesh-filter --target wasm32-wasip1 --profile wasm
 	@$(ENV) ls -l "$$KVMESH_FILTER_WASM"
 
+# kvmesh-core as the filter runs it: built for wasm32-wasip1 (simd128) and run in node's V8, so
+# code paths that exist only in wasm (the block hash's multiply) are tested too.
+test-wasm: ## Run kvmesh-core's unit tests built for wasm32-wasip1, in node's V8.
+	@$(ENV) CARGO_TARGET_WASM32_WASIP1_RUNNER="node --single-threaded-gc $(CURDIR)/bench/v8/run-wasi.mjs" \
+		cargo test -p kvmesh-core --lib --target wasm32-wasip1
+
 lint: ## Check formatting and run clippy with warnings as errors.
 	@$(CARGO) fmt --all -- --check
 	@$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # --no-fail-fast: one crate's failure must not hide the others' results in CI.
-test: setup setup-vllm wasm lint ## setup, setup-vllm, wasm, lint, then every test (unit and integration with real Envoy, NATS and vLLM).
+test: setup setup-vllm wasm lint test-wasm ## setup, setup-vllm, wasm, lint, core in V8, then every test (unit and integration with real Envoy, NATS and vLLM).
 	@# Integration tests start the kvmesh binary (sims behind Envoy): build it first, explicitly.
 	@$(CARGO) build -p kvmesh-cli
 	@$(CARGO) test --workspace --no-fail-fast

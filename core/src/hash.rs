@@ -5,6 +5,8 @@
 //! these from the tokens of a prompt, the control plane from the token ids in engine events, so both
 //! sides name the same block the same way without ever comparing engine-specific hashes.
 
+mod xxh3;
+
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed};
 
@@ -17,10 +19,14 @@ pub const HASH_SEED: u64 = 0x6b76_6d65_7368_0001;
 /// Parent of the first block of a sequence.
 const ROOT_PARENT: u64 = 0;
 
-/// Largest block hashed from a small stack buffer.
-const SMALL_TOKENS: usize = 64;
-/// Smallest block that needs the larger buffer.
-const SMALL_LIMIT: usize = SMALL_TOKENS + 1;
+/// Largest block hashed from the smallest stack buffer (the common block size).
+const SMALL_TOKENS: usize = 16;
+/// Smallest block of the next buffer size.
+const MID_FIRST: usize = SMALL_TOKENS + 1;
+/// Largest block whose bytes [`xxh3::xxh3_64_mid`] hashes (240 bytes with parent and salt).
+const MID_TOKENS: usize = (xxh3::MAX_LEN - 16) / 4;
+/// Smallest block of the largest buffer size.
+const LARGE_FIRST: usize = MID_TOKENS + 1;
 /// Largest block hashed from a stack buffer; bigger blocks stream through the hasher instead.
 const STACK_TOKENS: usize = 256;
 
@@ -79,7 +85,8 @@ pub fn hash_block(parent: Option<BlockHash>, tokens: &[TokenId], salt: BlockSalt
     // MLA backends) rather than always to the largest.
     match tokens.len() {
         0..=SMALL_TOKENS => hash_in_buffer::<{ 16 + 4 * SMALL_TOKENS }>(parent, tokens, salt),
-        SMALL_LIMIT..=STACK_TOKENS => hash_in_buffer::<{ 16 + 4 * STACK_TOKENS }>(parent, tokens, salt),
+        MID_FIRST..=MID_TOKENS => hash_in_buffer::<{ 16 + 4 * MID_TOKENS }>(parent, tokens, salt),
+        LARGE_FIRST..=STACK_TOKENS => hash_in_buffer::<{ 16 + 4 * STACK_TOKENS }>(parent, tokens, salt),
         _ => {
             let mut h = Xxh3::with_seed(HASH_SEED);
             h.update(&parent.to_le_bytes());
@@ -101,7 +108,12 @@ fn hash_in_buffer<const N: usize>(parent: u64, tokens: &[TokenId], salt: BlockSa
     for (chunk, token) in buf[16..].chunks_exact_mut(4).zip(tokens) {
         chunk.copy_from_slice(&token.to_le_bytes());
     }
-    BlockHash(xxh3_64_with_seed(&buf[..16 + 4 * tokens.len()], HASH_SEED))
+    let bytes = &buf[..16 + 4 * tokens.len()];
+    if (xxh3::MIN_LEN..=xxh3::MAX_LEN).contains(&bytes.len()) {
+        BlockHash(xxh3::xxh3_64_mid(bytes, HASH_SEED))
+    } else {
+        BlockHash(xxh3_64_with_seed(bytes, HASH_SEED))
+    }
 }
 
 /// Hashes of every full block of `tokens`, appended to `out` (which is not cleared).
@@ -253,6 +265,27 @@ mod tests {
             s2.update(&t.to_le_bytes());
         }
         assert_eq!(hash_block(None, small, BlockSalt::NONE), BlockHash(s2.digest()));
+    }
+
+    #[test]
+    fn every_block_size_hashes_as_the_definition() {
+        // Each buffer size and each hash path (the mid-size XXH3, xxhash-rust, streaming) agrees
+        // with the definition, with a parent and a salt.
+        let tokens = prompt(260);
+        let (parent, salt) = (BlockHash(0x0123_4567_89ab_cdef), BlockSalt(0xfedc_ba98_7654_3210));
+        for size in 0..=tokens.len() {
+            let mut streamed = Xxh3::with_seed(HASH_SEED);
+            streamed.update(&parent.0.to_le_bytes());
+            streamed.update(&salt.0.to_le_bytes());
+            for t in &tokens[..size] {
+                streamed.update(&t.to_le_bytes());
+            }
+            assert_eq!(
+                hash_block(Some(parent), &tokens[..size], salt),
+                BlockHash(streamed.digest()),
+                "{size} tokens"
+            );
+        }
     }
 
     #[test]
