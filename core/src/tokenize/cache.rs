@@ -105,6 +105,26 @@ pub(crate) struct SegmentCache {
     stats: SegmentCacheStats,
 }
 
+/// `a == b`. In wasm, slice equality is compiler-builtins' `memcmp`, a loop over single bytes: a
+/// cached 16 KB chat history compared that way was 12% of the filter's decision in V8. Comparing
+/// eight bytes at a time is what the engine's own `memcmp` does natively.
+#[inline]
+fn same_text(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    if cfg!(target_arch = "wasm32") {
+        let (words_a, words_b) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (rest_a, rest_b) = (words_a.remainder(), words_b.remainder());
+        let word = |w: &[u8]| u64::from_ne_bytes(w.try_into().expect("chunks_exact(8) yields 8 bytes"));
+        let diff = words_a.zip(words_b).fold(0, |diff, (x, y)| diff | (word(x) ^ word(y)));
+        diff == 0 && rest_a == rest_b
+    } else {
+        a == b
+    }
+}
+
 fn segment_hash(text: &str, at_start: bool) -> u64 {
     xxh3_64_with_seed(text.as_bytes(), SEGMENT_SEED ^ u64::from(at_start))
 }
@@ -140,7 +160,7 @@ impl SegmentCache {
             .find(hash, |&i| {
                 let slot = &slots[i as usize];
                 slot.hash == hash
-                    && slot.entry.as_ref().is_some_and(|e| e.at_start == at_start && &*e.text == text)
+                    && slot.entry.as_ref().is_some_and(|e| e.at_start == at_start && same_text(&e.text, text))
             })
             .copied();
         let Some(i) = found else {
@@ -235,6 +255,22 @@ impl SegmentCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_text_sees_a_difference_at_every_byte() {
+        // Both the word loop and the tail (lengths around multiples of 8), in wasm as natively.
+        for len in 0..40 {
+            let a: String = (0..len).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+            assert!(same_text(&a, &a.clone()));
+            assert!(!same_text(&a, &format!("{a}x")));
+            for at in 0..len {
+                let mut b = a.clone().into_bytes();
+                b[at] = b'#';
+                let b = String::from_utf8(b).expect("ASCII");
+                assert!(!same_text(&a, &b), "length {len}, differs at {at}");
+            }
+        }
+    }
 
     /// The ids of a cached segment.
     fn ids<'c>(cache: &'c mut SegmentCache, text: &str, at_start: bool) -> Option<&'c [TokenId]> {
