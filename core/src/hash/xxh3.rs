@@ -1,6 +1,6 @@
 //! XXH3-64 for inputs of 17 to 240 bytes (a block of 1 to 56 token ids with its parent and salt),
 //! bit for bit the `xxhash-rust` result (tested against it), with the 64x64 -> 128-bit multiply
-//! built from simd128's 32x32 -> 64-bit widening multiplies on wasm32.
+//! built from four 32x32 -> 64-bit products on wasm32.
 //!
 //! Why: wasm has no 64-bit widening multiply, so `u128` products become calls to
 //! compiler-builtins' `__multi3`, which returns through linear memory. XXH3 of an 80-byte block
@@ -93,26 +93,17 @@ fn avalanche(mut h: u64) -> u64 {
 /// The 128-bit product of `a` and `b`, its two halves XORed.
 #[inline(always)]
 fn mul128_fold64(a: u64, b: u64) -> u64 {
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    #[cfg(target_arch = "wasm32")]
     {
-        use core::arch::wasm32::{i32x4_shuffle, u64x2, u64x2_extmul_high_u32x4, u64x2_extmul_low_u32x4};
-        // LLVM folds the four 32-bit products written out in scalar code back into a `u128`
-        // multiply (and so `__multi3`); simd128's widening multiplies stay as written.
-        let a2 = u64x2(a, a);
-        let b2 = u64x2(b, b);
-        // 32-bit lanes: a2 = [a_lo, a_hi, a_lo, a_hi], spread = [b_lo, b_lo, b_hi, b_hi].
-        let spread = i32x4_shuffle::<0, 0, 1, 1>(b2, b2);
-        let low = u64x2_extmul_low_u32x4(a2, spread);
-        let high = u64x2_extmul_high_u32x4(a2, spread);
-        let products = [
-            core::arch::wasm32::u64x2_extract_lane::<0>(low),
-            core::arch::wasm32::u64x2_extract_lane::<1>(low),
-            core::arch::wasm32::u64x2_extract_lane::<0>(high),
-            core::arch::wasm32::u64x2_extract_lane::<1>(high),
-        ];
-        fold_products(a, b, products)
+        const LOW: u64 = 0xFFFF_FFFF;
+        let (a_lo, a_hi, b_lo, b_hi) = (a & LOW, a >> 32, b & LOW, b >> 32);
+        // LLVM recognises the four partial products and folds them back into a u128 multiply
+        // (so `__multi3`); hiding one operand keeps them as written. In V8 this multiply took
+        // 3.6-4.6 ns against 5.6-9.2 ns for `__multi3` and 8 ns for simd128's `extmul`.
+        let b_hi = core::hint::black_box(b_hi);
+        fold_products(a, b, [a_lo * b_lo, a_hi * b_lo, a_lo * b_hi, a_hi * b_hi])
     }
-    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    #[cfg(not(target_arch = "wasm32"))]
     {
         let product = u128::from(a) * u128::from(b);
         (product as u64) ^ ((product >> 64) as u64)
@@ -121,7 +112,7 @@ fn mul128_fold64(a: u64, b: u64) -> u64 {
 
 /// [`mul128_fold64`] from the four 32x32 -> 64-bit partial products `[a_lo * b_lo, a_hi * b_lo,
 /// a_lo * b_hi, a_hi * b_hi]` (xxhash.h's portable `XXH_mult64to128`).
-#[cfg_attr(not(all(target_arch = "wasm32", target_feature = "simd128")), allow(dead_code))]
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 #[inline(always)]
 fn fold_products(a: u64, b: u64, [lo_lo, hi_lo, lo_hi, hi_hi]: [u64; 4]) -> u64 {
     const LOW: u64 = 0xFFFF_FFFF;
