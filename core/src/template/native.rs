@@ -169,7 +169,7 @@ fn qwen3(
         }
         let text = text_of(m, &mut scratch)?;
         // The template splits reasoning out of an assistant turn at `</think>`.
-        if m.role == "assistant" && text.contains("</think>") {
+        if m.role == "assistant" && memchr::memmem::find(text.as_bytes(), b"</think>").is_some() {
             return None;
         }
         bytes += text.len() + 32;
