@@ -19,7 +19,8 @@ use kvmesh_filter::FilterConfig;
 use kvmesh_filter::router::Router;
 
 const USAGE: &str = "\
-usage: route-loop [--workload NAME] [--policy NAME] [--iterations N] [--cold] [--tokenizer DIR]
+usage: route-loop [--workload NAME] [--policy NAME] [--iterations N] [--cold | --sweep KIB]
+                  [--tokenizer DIR]
 
 Runs the filter's decision in a loop and prints its median time.
 
@@ -28,7 +29,9 @@ Runs the filter's decision in a loop and prints its median time.
   --iterations N    requests to route (default: 1500). The first ones teach the router the shared
                     prefix, one block per request under kv-aware: use well over the prompt's block
                     count (4k tokens: 256 blocks)
-  --cold            write 48 MiB before every request, so it starts with cold caches (as in Envoy)
+  --cold            write 48 MiB before every request, so it starts with every cache level cold
+  --sweep KIB       write KIB KiB before every request instead (1024: about what Envoy's own work
+                    between two requests evicts on a 2-core machine, the L2 but not the L3)
   --tokenizer DIR   Qwen3's tokenizer.json and tokenizer_config.json (default: where `make setup`
                     puts them; required in wasm)";
 
@@ -37,7 +40,8 @@ struct Args {
     workload: String,
     policy: Option<PolicyKind>,
     iterations: usize,
-    cold: bool,
+    /// Bytes written before every request (0: none).
+    sweep: usize,
     tokenizer: Option<PathBuf>,
 }
 
@@ -47,7 +51,7 @@ impl Args {
             workload: "chat-4k-warm".to_owned(),
             policy: None,
             iterations: 1500,
-            cold: false,
+            sweep: 0,
             tokenizer: None,
         };
         while let Some(arg) = args.next() {
@@ -63,7 +67,8 @@ impl Args {
                 "--iterations" => {
                     parsed.iterations = value()?.parse().context("--iterations takes a number")?
                 }
-                "--cold" => parsed.cold = true,
+                "--cold" => parsed.sweep = 48 << 20,
+                "--sweep" => parsed.sweep = value()?.parse::<usize>().context("--sweep takes KiB")? << 10,
                 "--tokenizer" => parsed.tokenizer = Some(value()?.into()),
                 other => bail!("unknown argument `{other}`\n\n{USAGE}"),
             }
@@ -95,7 +100,7 @@ fn run(args: &Args) -> Result<f64> {
     let plugin = plugin::plugin_config(&dir, &[1, 2, 3, 4], None, args.policy)?;
     let config = FilterConfig::from_bytes(Some(plugin.as_bytes())).map_err(|e| anyhow!("{e}"))?;
     let mut router = Router::new(&config).map_err(|e| anyhow!("{e}"))?;
-    let mut sweep = if args.cold { vec![0u8; 48 << 20] } else { Vec::new() };
+    let mut sweep = vec![0u8; args.sweep];
     let started = Instant::now();
     let mut ns = Vec::with_capacity(args.iterations);
     for i in 0..args.iterations {
