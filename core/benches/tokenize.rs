@@ -324,7 +324,7 @@ fn bench_tokenize(c: &mut Criterion) {
                     let walk = encoder
                         .walk_blocks(black_box(text), false, BLOCK, BlockSalt::NONE, |h| held.contains(&h))
                         .expect("walks");
-                    walked = walk.tokens.len();
+                    walked = walk.exact_tokens;
                     black_box(walk.total_tokens)
                 },
                 BatchSize::SmallInput,

@@ -162,6 +162,18 @@ impl BlockHasher {
         self.parent
     }
 
+    /// Counts `hash` as the next block without hashing it: the caller knows it (a memo of an
+    /// earlier walk over the same ids after the same parent).
+    pub fn advance(&mut self, hash: BlockHash) {
+        self.parent = Some(hash);
+        self.blocks += 1;
+    }
+
+    /// The salt mixed into every block.
+    pub fn salt(&self) -> BlockSalt {
+        self.salt
+    }
+
     /// Hashes the next block; `tokens` should hold exactly `block_size` ids.
     pub fn next_block(&mut self, tokens: &[TokenId]) -> BlockHash {
         debug_assert_eq!(tokens.len(), self.block_size, "a block is hashed only when full");

@@ -7,7 +7,7 @@ mod corpus;
 
 use std::collections::HashSet;
 
-use kvmesh_core::hash::hash_prompt;
+use kvmesh_core::hash::{hash_block, hash_prompt};
 use kvmesh_core::tokenize::SegmentCacheConfig;
 use kvmesh_core::{BlockHash, BlockSalt};
 
@@ -36,16 +36,18 @@ fn walk_with_every_block_held_is_the_full_encoding() {
             let truth =
                 if add_special_tokens { tokenizer.encode_prompt(&text) } else { tokenizer.encode(&text) }
                     .unwrap_or_else(|e| panic!("{model}: input {i}: {e}"));
-            let walk = encoder
-                .walk_blocks(&text, add_special_tokens, BLOCK, BlockSalt::NONE, |_| true)
-                .unwrap_or_else(|e| panic!("{model}: input {i}: {e}"));
-            assert_eq!(walk.tokens, &truth[..], "{model}: input {i}");
-            assert_eq!(walk.hashes, &block_hashes(&truth)[..], "{model}: input {i}");
-            assert_eq!(
-                (walk.first_miss, walk.exact, walk.total_tokens),
-                (None, true, truth.len()),
-                "{model}: {i}"
-            );
+            // Twice: the second walk replays the cached segments' chain memos.
+            for round in 0..2 {
+                let walk = encoder
+                    .walk_blocks(&text, add_special_tokens, BLOCK, BlockSalt::NONE, |_| true)
+                    .unwrap_or_else(|e| panic!("{model}: input {i}: {e}"));
+                assert_eq!(walk.hashes, &block_hashes(&truth)[..], "{model}: input {i}, round {round}");
+                assert_eq!(
+                    (walk.exact_tokens, walk.first_miss, walk.exact, walk.total_tokens),
+                    (truth.len(), None, true, truth.len()),
+                    "{model}: {i}, round {round}"
+                );
+            }
         }
     }
 }
@@ -79,12 +81,12 @@ fn walk_stops_at_the_first_block_nobody_holds() {
                 let at = format!("{model}: input {i}, round {round}, miss at block {k}");
                 assert_eq!(walk.hashes, &hashes[..=k], "{at}");
                 assert_eq!(walk.first_miss, Some(k), "{at}");
-                assert!(walk.tokens.len() >= (k + 1) * BLOCK, "{at}");
-                assert_eq!(walk.tokens, &truth[..walk.tokens.len()], "{at}");
+                assert!(walk.exact_tokens >= (k + 1) * BLOCK, "{at}");
+                assert!(walk.exact_tokens <= truth.len(), "{at}");
                 if walk.exact {
-                    assert_eq!((walk.tokens.len(), walk.total_tokens), (truth.len(), truth.len()), "{at}");
+                    assert_eq!((walk.exact_tokens, walk.total_tokens), (truth.len(), truth.len()), "{at}");
                 } else {
-                    assert!(walk.total_tokens >= walk.tokens.len(), "{at}");
+                    assert!(walk.total_tokens >= walk.exact_tokens, "{at}");
                 }
             }
         }
@@ -104,7 +106,7 @@ fn walk_adds_the_prompt_specials_and_any_block_size() {
             encoder.walk_blocks(&text, true, block, BlockSalt::lora(Some("a")), |_| true).expect("walks");
         let mut hashes = Vec::new();
         hash_prompt(&truth, block, BlockSalt::lora(Some("a")), &mut hashes);
-        assert_eq!(walk.tokens, &truth[..], "block size {block}");
+        assert_eq!(walk.exact_tokens, truth.len(), "block size {block}");
         assert_eq!(walk.hashes, &hashes[..], "block size {block}");
         // Nothing held: one block hashed, the rest estimated. (Without a cache: the text is one
         // segment, which a warm cache would hand over whole, exact.)
@@ -119,11 +121,63 @@ fn walk_adds_the_prompt_specials_and_any_block_size() {
         // alone already missed).
         let walk = encoder.walk_blocks(&text, true, block, BlockSalt::NONE, |_| false).expect("walks");
         assert_eq!((walk.hashes.len(), walk.exact), (1, block > 1), "block size {block}");
-        assert_eq!(walk.tokens[0], truth[0], "BOS first");
+        let first = block.min(truth.len());
+        assert_eq!(walk.hashes[0], hash_block(None, &truth[..first], BlockSalt::NONE), "BOS first");
     }
     // Empty text: only the specials, exact.
     let walk = encoder.walk_blocks("", true, 16, BlockSalt::NONE, |_| false).expect("walks");
-    assert_eq!((walk.tokens, walk.exact, walk.total_tokens), (&truth[..1], true, 1));
+    assert_eq!((walk.exact_tokens, walk.exact, walk.total_tokens), (1, true, 1));
+}
+
+#[test]
+fn chain_memos_replay_only_after_the_same_ids() {
+    // Earlier turns of a chat as cached segments, walked after different openings (which shift
+    // the ids before them, and so the block boundaries), with different block sizes and salts,
+    // in an order that makes each memo both fit and not fit: every walk must equal hashing the
+    // full encoding.
+    let tokenizer = tokenizer("qwen3");
+    let mut encoder = tokenizer.encoder(SegmentCacheConfig::default());
+    let mut rng = corpus::Rng::new(SEED ^ 0x4d45_4d4f);
+    let turns: Vec<String> =
+        (0..3).map(|i| corpus::script_text(&mut rng, corpus::LATIN, 500 + 300 * i)).collect();
+    let openings = [
+        "",
+        "<|im_start|>system\nBe brief.<|im_end|>\n",
+        "<|im_start|>system\nBe brief, always.<|im_end|>\n",
+    ];
+    let chat = |opening: &str, last: &str| {
+        let mut text = opening.to_owned();
+        for (i, turn) in turns.iter().enumerate() {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            text.push_str(&format!("<|im_start|>{role}\n{turn}<|im_end|>\n"));
+        }
+        text.push_str(&format!("<|im_start|>user\n{last}<|im_end|>\n<|im_start|>assistant\n"));
+        text
+    };
+    // Each state twice in a row (the second walk replays), then the next one (whose memo does not
+    // fit what the last walk left); the whole sequence twice.
+    for pass in 0..2 {
+        for (o, opening) in openings.iter().enumerate() {
+            for (block, salt) in [(16, BlockSalt::NONE), (16, BlockSalt(7)), (32, BlockSalt::NONE)] {
+                for round in 0..2 {
+                    let text = chat(opening, &format!("question {pass} {round}"));
+                    let truth = tokenizer.encode(&text).expect("encodes");
+                    let mut hashes = Vec::new();
+                    hash_prompt(&truth, block, salt, &mut hashes);
+                    let walk = encoder.walk_blocks(&text, false, block, salt, |_| true).expect("walks");
+                    let at = format!("pass {pass}, round {round}, opening {o}, block {block}, salt {salt:?}");
+                    assert_eq!(walk.hashes, &hashes[..], "{at}");
+                    assert_eq!(
+                        (walk.exact_tokens, walk.total_tokens, walk.exact),
+                        (truth.len(), truth.len(), true),
+                        "{at}"
+                    );
+                }
+            }
+        }
+    }
+    let stats = encoder.cache_stats();
+    assert!(stats.hits > 50 && stats.memo_replays > 20, "{stats:?}");
 }
 
 #[test]

@@ -172,8 +172,7 @@ pub struct Router {
     state_heard_at_ms: Option<u64>,
     /// Whether kv-aware stops exact tokenization at the first block no one holds.
     early_exit: bool,
-    /// Reused per request: the prompt's ids and block hashes.
-    tokens: Vec<TokenId>,
+    /// Reused per request: the prompt's block hashes.
     hashes: Vec<BlockHash>,
     /// Reused per request: each worker's cached prefix, counted during kv-aware's walk.
     runs: Vec<u32>,
@@ -221,7 +220,6 @@ impl Router {
             state_ttl_ms: config.state.map(|s| s.ttl_ms),
             state_heard_at_ms: None,
             early_exit: config.early_exit,
-            tokens: Vec::new(),
             hashes: Vec::new(),
             runs: Vec::new(),
         };
@@ -286,7 +284,6 @@ impl Router {
     ) -> Result<Routed, Rejected> {
         let request = parse_request(endpoint, body, &self.limits).map_err(|e| Rejected::request(&e))?;
         let model_name = request.model();
-        self.tokens.clear();
         self.hashes.clear();
         let stale = self.state_is_stale(now_ms);
         let mut render = None;
@@ -334,13 +331,15 @@ impl Router {
                         walked = true;
                         walk.total_tokens as u64
                     }
+                    // Every block, exactly: the same walk that never stops (cached segments
+                    // replay their block hashes).
                     PromptInput::Text { text, add_special_tokens } => {
-                        model
+                        let walk = model
                             .encoder
-                            .encode_into(&text, add_special_tokens, &mut self.tokens)
+                            .walk_blocks(&text, add_special_tokens, block_size as usize, salt, |_| true)
                             .map_err(|e| internal(&e))?;
-                        hash_prompt(&self.tokens, block_size as usize, salt, &mut self.hashes);
-                        self.tokens.len() as u64
+                        self.hashes.extend_from_slice(walk.hashes);
+                        walk.total_tokens as u64
                     }
                 };
                 (block_size, prompt_tokens, None)

@@ -7,6 +7,10 @@
 //! `<|eot_id|>`), so a repeated system prompt or an earlier turn is one segment: on a hit it costs
 //! a hash, a probe and a compare instead of a tokenization.
 //!
+//! An entry also keeps a [`ChainMemo`]: the block hashes its ids completed the last time a block
+//! walk passed it, with the walk's state where it began. A later walk in the same state (the same
+//! earlier turns before it) takes those hashes instead of copying the ids and hashing them again.
+//!
 //! Bounded by bytes and entries, evicting with CLOCK (second chance): a hit sets the entry's
 //! referenced bit, the hand clears it on its first pass and evicts on the second. The segment text
 //! is stored and compared on every hit, so a hash collision can only cost a miss, never wrong ids.
@@ -14,7 +18,7 @@
 use hashbrown::HashTable;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::hash::TokenId;
+use crate::hash::{BlockHash, BlockSalt, TokenId};
 
 /// Seed of the segment hash; it only has to be fixed within one process.
 const SEGMENT_SEED: u64 = 0x6b76_6d65_7368_5347;
@@ -59,6 +63,8 @@ pub struct SegmentCacheStats {
     pub evictions: u64,
     /// Segments not added because they alone were too big.
     pub too_large: u64,
+    /// Hits whose block hashes came from the segment's chain memo (neither copied nor hashed).
+    pub memo_replays: u64,
     /// Segments held now.
     pub entries: usize,
     /// Bytes held now, as counted against [`SegmentCacheConfig::max_bytes`].
@@ -74,13 +80,57 @@ struct Entry {
     prior: f32,
     /// Whether the segment opened its prompt (a `Metaspace` normalizer treats that one apart).
     at_start: bool,
+    /// The block hashes this segment completed the last time it was walked, and after what.
+    memo: Option<ChainMemo>,
 }
 
 impl Entry {
     fn bytes(&self) -> usize {
-        entry_bytes(self.text.len(), self.ids.len())
+        entry_bytes(self.text.len(), self.ids.len()) + self.memo.as_ref().map_or(0, ChainMemo::bytes)
     }
 }
+
+/// The block hashes a segment's ids completed in one block walk, and the walk's state where the
+/// segment began: the same segment after the same state completes the same blocks (block hashes
+/// depend only on the ids before them), so a warm prompt's earlier turns cost neither copying
+/// their ids nor hashing their blocks again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ChainMemo {
+    /// Tokens per block and the chain's salt.
+    pub(crate) block_size: usize,
+    pub(crate) salt: BlockSalt,
+    /// The last full block before the segment (`None`: the segment's blocks start the chain).
+    pub(crate) parent: Option<BlockHash>,
+    /// Ids before the segment that were not yet a full block (fewer than `block_size`).
+    pub(crate) pending: Box<[TokenId]>,
+    /// Every block the segment completed, in order (at least one).
+    pub(crate) hashes: Box<[BlockHash]>,
+}
+
+impl ChainMemo {
+    /// Whether the memo was made after this walk state.
+    pub(crate) fn follows(
+        &self,
+        block_size: usize,
+        salt: BlockSalt,
+        parent: Option<BlockHash>,
+        pending: &[TokenId],
+    ) -> bool {
+        self.block_size == block_size
+            && self.salt == salt
+            && self.parent == parent
+            && *self.pending == *pending
+    }
+
+    fn bytes(&self) -> usize {
+        self.pending.len() * std::mem::size_of::<TokenId>()
+            + self.hashes.len() * std::mem::size_of::<BlockHash>()
+            + MEMO_OVERHEAD
+    }
+}
+
+/// Bytes counted per memo beyond its ids and hashes (two allocations and the fields).
+const MEMO_OVERHEAD: usize = 64;
 
 fn entry_bytes(text: usize, ids: usize) -> usize {
     text + ids * std::mem::size_of::<TokenId>() + ENTRY_OVERHEAD
@@ -149,6 +199,12 @@ impl SegmentCache {
 
     /// The ids of `text` and its prior estimate, if cached.
     pub(crate) fn get(&mut self, text: &str, at_start: bool) -> Option<(&[TokenId], f32)> {
+        let slot = self.lookup(text, at_start)?;
+        self.entry(slot).map(|(ids, prior, _)| (ids, prior))
+    }
+
+    /// The slot holding `text`, if cached (counted as a hit or a miss).
+    pub(crate) fn lookup(&mut self, text: &str, at_start: bool) -> Option<u32> {
         if self.config.max_entries == 0 {
             self.stats.misses += 1;
             return None;
@@ -168,31 +224,52 @@ impl SegmentCache {
             return None;
         };
         self.stats.hits += 1;
-        let slot = &mut self.slots[i as usize];
-        slot.referenced = true;
-        slot.entry.as_ref().map(|e| (&*e.ids, e.prior))
+        self.slots[i as usize].referenced = true;
+        Some(i)
     }
 
-    /// Caches the ids of `text` and its prior estimate, evicting as needed; a segment that alone
-    /// exceeds a quarter of the byte budget is not cached. The caller has just missed on `text`.
-    pub(crate) fn insert(&mut self, text: &str, at_start: bool, ids: &[TokenId], prior: f32) {
+    /// The ids, prior and chain memo of the segment in `slot` (from [`SegmentCache::lookup`] or
+    /// [`SegmentCache::insert`], with no insert since).
+    pub(crate) fn entry(&self, slot: u32) -> Option<(&[TokenId], f32, Option<&ChainMemo>)> {
+        let entry = self.slots.get(slot as usize)?.entry.as_ref()?;
+        Some((&entry.ids, entry.prior, entry.memo.as_ref()))
+    }
+
+    /// Counts a hit whose chain memo was replayed.
+    pub(crate) fn count_replay(&mut self) {
+        self.stats.memo_replays += 1;
+    }
+
+    /// Replaces the chain memo of the segment in `slot`. Its bytes count against the budget from
+    /// the next insert on (which evicts as needed).
+    pub(crate) fn set_memo(&mut self, slot: u32, memo: ChainMemo) {
+        let Some(entry) = self.slots.get_mut(slot as usize).and_then(|s| s.entry.as_mut()) else { return };
+        let old = entry.bytes();
+        entry.memo = Some(memo);
+        self.stats.bytes = self.stats.bytes - old + entry.bytes();
+    }
+
+    /// Caches the ids of `text` and its prior estimate, evicting as needed, and returns its slot;
+    /// a segment that alone exceeds a quarter of the byte budget is not cached. The caller has
+    /// just missed on `text`.
+    pub(crate) fn insert(&mut self, text: &str, at_start: bool, ids: &[TokenId], prior: f32) -> Option<u32> {
         if self.config.max_entries == 0 {
-            return;
+            return None;
         }
         let bytes = entry_bytes(text.len(), ids.len());
         if bytes > self.config.max_bytes / 4 {
             self.stats.too_large += 1;
-            return;
+            return None;
         }
         while self.stats.entries >= self.config.max_entries
             || self.stats.bytes + bytes > self.config.max_bytes
         {
             if !self.evict_one() {
-                return;
+                return None;
             }
         }
         let hash = segment_hash(text, at_start);
-        let entry = Entry { text: text.into(), ids: ids.into(), prior, at_start };
+        let entry = Entry { text: text.into(), ids: ids.into(), prior, at_start, memo: None };
         // Slot indices are u32: max_entries beyond that is not a cache size anyone configures.
         let index = match self.free.pop() {
             Some(i) => i,
@@ -201,7 +278,7 @@ impl SegmentCache {
                     self.slots.push(Slot { hash: 0, referenced: false, entry: None });
                     i
                 }
-                Err(_) => return,
+                Err(_) => return None,
             },
         };
         let slot = &mut self.slots[index as usize];
@@ -214,6 +291,7 @@ impl SegmentCache {
         self.stats.insertions += 1;
         self.stats.entries += 1;
         self.stats.bytes += bytes;
+        Some(index)
     }
 
     /// Evicts one entry (CLOCK); `false` if there is none.

@@ -2,7 +2,7 @@
 //! request to request, so encoding allocates nothing once warm: the engine's working buffers and
 //! word cache, the segment cache, and the token and block-hash buffers a [`BlockWalk`] lends out.
 
-use super::cache::{SegmentCache, SegmentCacheConfig, SegmentCacheStats};
+use super::cache::{ChainMemo, SegmentCache, SegmentCacheConfig, SegmentCacheStats};
 use super::engine::{Engine, Piece, Progress, Scratch};
 use super::{TokenizeError, Tokenizer, estimate};
 use crate::hash::{BlockHash, BlockHasher, BlockSalt, TokenId};
@@ -26,16 +26,140 @@ pub struct BlockWalk<'a> {
     /// Hashes of the prompt's full blocks, in order, up to and including the first one the
     /// predicate said no worker holds (all of them if every block is held).
     pub hashes: &'a [BlockHash],
-    /// Exact token ids of the prompt's start: the whole prompt when [`BlockWalk::exact`], else at
-    /// least every block in `hashes` (encoding stops a few pre-tokens past the first miss).
-    pub tokens: &'a [TokenId],
+    /// How many of the prompt's first tokens were known exactly: the whole prompt when
+    /// [`BlockWalk::exact`], else at least every block in `hashes` (encoding stops a few
+    /// pre-tokens, or the rest of a cached segment, past the first miss).
+    pub exact_tokens: usize,
     /// Index in `hashes` of the first block no worker holds, if there is one.
     pub first_miss: Option<usize>,
-    /// Whether `tokens` is the whole prompt.
+    /// Whether `exact_tokens` is the whole prompt.
     pub exact: bool,
-    /// The prompt's length in tokens: `tokens.len()` when exact, else the exact tokens plus an
-    /// estimate of the rest from its bytes (error measured in `core/tests/early_exit.rs`).
+    /// The prompt's length in tokens: `exact_tokens` when exact, else those plus an estimate of
+    /// the rest from its bytes (error measured in `core/tests/early_exit.rs`).
     pub total_tokens: usize,
+}
+
+/// Segments shorter than this many blocks keep no chain memo: hashing their few blocks again
+/// costs less than the memo, and short segments (the newline between two turns) recur after
+/// every kind of prefix.
+const MEMO_MIN_BLOCKS: usize = 2;
+
+/// What [`Walker::push_cached`] did with a segment's chain memo.
+enum MemoUse {
+    /// Its hashes were taken.
+    Replayed,
+    /// It did not fit (or there was none); this one does.
+    New(ChainMemo),
+    /// Neither.
+    None,
+}
+
+/// A block walk under way: the chained hasher, the ids of the block being filled, the hashes so
+/// far, and the predicate that stops it.
+struct Walker<'a, H> {
+    hasher: BlockHasher,
+    /// Ids after the last full block (fewer than a block).
+    pending: &'a mut Vec<TokenId>,
+    /// The pending ids where the current segment began (a memo's key).
+    segment_pending: &'a mut Vec<TokenId>,
+    hashes: &'a mut Vec<BlockHash>,
+    /// Tokens fed so far.
+    count: usize,
+    missed: bool,
+    held: H,
+}
+
+impl<H: FnMut(BlockHash) -> bool> Walker<'_, H> {
+    /// Feeds ids; `false` once a block is not held (ids after it are counted, not hashed).
+    fn push(&mut self, ids: &[TokenId]) -> bool {
+        self.count += ids.len();
+        if self.missed {
+            return false;
+        }
+        let size = self.hasher.block_size();
+        let mut rest = ids;
+        if !self.pending.is_empty() {
+            let take = (size - self.pending.len()).min(rest.len());
+            self.pending.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.pending.len() < size {
+                return true;
+            }
+            let hash = self.hasher.next_block(self.pending);
+            self.pending.clear();
+            if !self.block(hash) {
+                return false;
+            }
+        }
+        let mut blocks = rest.chunks_exact(size);
+        for block in &mut blocks {
+            let hash = self.hasher.next_block(block);
+            if !self.block(hash) {
+                return false;
+            }
+        }
+        self.pending.extend_from_slice(blocks.remainder());
+        true
+    }
+
+    fn block(&mut self, hash: BlockHash) -> bool {
+        self.hashes.push(hash);
+        self.missed = !(self.held)(hash);
+        !self.missed
+    }
+
+    /// Feeds a cached segment's ids, from its memo when the memo was made after this very state;
+    /// returns whether to go on, and what became of the memo.
+    fn push_cached(&mut self, ids: &[TokenId], memo: Option<&ChainMemo>) -> (bool, MemoUse) {
+        let size = self.hasher.block_size();
+        let fits = memo.filter(|m| m.follows(size, self.hasher.salt(), self.hasher.last(), self.pending));
+        let Some(memo) = fits else {
+            self.begin_segment();
+            let go_on = self.push(ids);
+            return (go_on, self.memo(ids.len()).map_or(MemoUse::None, MemoUse::New));
+        };
+        self.count += ids.len();
+        if self.missed {
+            return (false, MemoUse::None);
+        }
+        for &hash in memo.hashes.iter() {
+            self.hasher.advance(hash);
+            if !self.block(hash) {
+                return (false, MemoUse::Replayed);
+            }
+        }
+        // A memo holds at least one block, so the new pending ids all come from this segment.
+        let tail = (self.pending.len() + ids.len()) % size;
+        self.pending.clear();
+        self.pending.extend_from_slice(&ids[ids.len() - tail..]);
+        (true, MemoUse::Replayed)
+    }
+
+    /// Marks where a segment begins, for [`Walker::memo`].
+    fn begin_segment(&mut self) {
+        self.segment_pending.clear();
+        self.segment_pending.extend_from_slice(self.pending);
+    }
+
+    /// The memo of the segment of `len` ids just fed after [`Walker::begin_segment`], if it is
+    /// worth keeping: the walk went through it, and it completed enough blocks.
+    fn memo(&self, len: usize) -> Option<ChainMemo> {
+        let size = self.hasher.block_size();
+        let blocks = (self.segment_pending.len() + len) / size;
+        if self.missed || blocks < MEMO_MIN_BLOCKS {
+            return None;
+        }
+        let hashes = &self.hashes[self.hashes.len() - blocks..];
+        // Walks start a chain: the block before the segment's first, if any, is in `hashes`.
+        let parent = self.hashes.len().checked_sub(blocks + 1).map(|i| self.hashes[i]);
+        Some(ChainMemo {
+            block_size: size,
+            salt: self.hasher.salt(),
+            parent,
+            pending: self.segment_pending.as_slice().into(),
+            hashes: hashes.into(),
+        })
+    }
 }
 
 /// Per-thread state for encoding with a segment cache and early exit. Make one per thread (per
@@ -45,6 +169,10 @@ pub struct Encoder {
     scratch: Scratch,
     cache: SegmentCache,
     tokens: Vec<TokenId>,
+    /// A segment's ids as the model produces them (a walk's cache miss).
+    segment: Vec<TokenId>,
+    /// The ids pending where a walk's current segment began.
+    memo_key: Vec<TokenId>,
     hashes: Vec<BlockHash>,
 }
 
@@ -63,6 +191,8 @@ impl Encoder {
             scratch,
             cache: SegmentCache::new(cache),
             tokens: Vec::new(),
+            segment: Vec::new(),
+            memo_key: Vec::new(),
             hashes: Vec::new(),
         }
     }
@@ -107,10 +237,14 @@ impl Encoder {
     /// Encodes `text` and hashes it block by block (`block_size` tokens, `salt` mixed into every
     /// block, as [`crate::hash::hash_prompt`]), asking `held` of each block hash whether some
     /// worker holds it; stops exact work at the first block for which it says no, and estimates
-    /// the rest of the prompt's length from its bytes.
+    /// the rest of the prompt's length from its bytes. With `held` always true it is the whole
+    /// prompt's hashes, exactly.
+    ///
+    /// Cached segments replay the block hashes they completed last time when they follow the same
+    /// ids (see the segment cache's chain memo): their ids are neither copied nor hashed again.
     ///
     /// `held` may keep state: to stop where no single worker holds the whole prefix (not merely
-    /// the block), narrow a candidate set in it. The returned slices borrow this encoder's
+    /// the block), narrow a candidate set in it. The returned hashes borrow this encoder's
     /// buffers, reused by the next call.
     pub fn walk_blocks(
         &mut self,
@@ -118,56 +252,117 @@ impl Encoder {
         add_special_tokens: bool,
         block_size: usize,
         salt: BlockSalt,
-        mut held: impl FnMut(BlockHash) -> bool,
+        held: impl FnMut(BlockHash) -> bool,
     ) -> Result<BlockWalk<'_>, TokenizeError> {
-        let Encoder { tokenizer, scratch, cache, tokens, hashes } = self;
+        let Encoder { tokenizer, scratch, cache, tokens, segment, memo_key, hashes } = self;
         let inner = &*tokenizer.inner;
         tokens.clear();
         hashes.clear();
-        let mut hasher = BlockHasher::new(block_size, salt);
-        let mut missed = false;
-        // Hashes every block `tokens` newly completes, until one is not held.
-        let mut check = |tokens: &[TokenId]| {
-            let size = hasher.block_size();
-            while !missed && (hasher.blocks() + 1) * size <= tokens.len() {
-                let start = hasher.blocks() * size;
-                let hash = hasher.next_block(&tokens[start..start + size]);
-                hashes.push(hash);
-                missed = !held(hash);
-            }
-            !missed
+        let mut walk = Walker {
+            hasher: BlockHasher::new(block_size, salt),
+            pending: tokens,
+            segment_pending: memo_key,
+            hashes,
+            count: 0,
+            missed: false,
+            held,
         };
         let (prefix, suffix): (&[TokenId], &[TokenId]) =
             if add_special_tokens { (&inner.prompt_prefix, &inner.prompt_suffix) } else { (&[], &[]) };
-        tokens.extend_from_slice(prefix);
-        let outcome = if check(tokens) {
+        let outcome = if walk.push(prefix) {
             // One pre-token gives at least one id, so `block_size` of them complete a block: the
             // model runs at most about a block past the first miss.
-            encode_pieces(&inner.engine, text, scratch, Some(cache), block_size.max(1), tokens, &mut check)?
+            walk_pieces(&inner.engine, text, scratch, cache, segment, block_size.max(1), &mut walk)?
         } else {
             Outcome::Stopped { rest: 0, exact_prior: 0.0 }
         };
         let (exact, total_tokens) = match outcome {
             // Stopped on the text's last ids: nothing is left to estimate.
             Outcome::Stopped { rest, .. } if rest >= text.len() => {
-                tokens.extend_from_slice(suffix);
-                (true, tokens.len())
+                walk.count += suffix.len();
+                (true, walk.count)
             }
             Outcome::Complete => {
-                tokens.extend_from_slice(suffix);
-                check(tokens);
-                (true, tokens.len())
+                walk.push(suffix);
+                (true, walk.count)
             }
             Outcome::Stopped { rest, exact_prior } => {
                 let left = text.get(rest..).unwrap_or("");
-                let text_tokens = tokens.len() - prefix.len();
+                let text_tokens = walk.count - prefix.len();
                 let estimate = estimate::remaining_tokens(&inner.engine, exact_prior, text_tokens, left);
-                (false, tokens.len() + estimate + suffix.len())
+                (false, walk.count + estimate + suffix.len())
             }
         };
+        let (exact_tokens, missed) = (walk.count, walk.missed);
+        let hashes: &[BlockHash] = walk.hashes;
         let first_miss = missed.then(|| hashes.len().saturating_sub(1));
-        Ok(BlockWalk { hashes, tokens, first_miss, exact, total_tokens })
+        Ok(BlockWalk { hashes, exact_tokens, first_miss, exact, total_tokens })
     }
+}
+
+/// [`Encoder::walk_blocks`]'s loop: `text` split at added tokens, each text segment's ids from
+/// the cache (with its chain memo) or the model, fed to `walk` until it stops.
+fn walk_pieces<H: FnMut(BlockHash) -> bool>(
+    engine: &Engine,
+    text: &str,
+    scratch: &mut Scratch,
+    cache: &mut SegmentCache,
+    segment_ids: &mut Vec<TokenId>,
+    batch: usize,
+    walk: &mut Walker<'_, H>,
+) -> Result<Outcome, TokenizeError> {
+    // As in `encode_pieces`: the prior of the pieces so far, added tokens counted as one.
+    let mut exact_prior = 0.0;
+    for piece in engine.pieces(text) {
+        let (segment, start) = match piece {
+            Piece::Added { id, end } => {
+                exact_prior += 1.0;
+                if !walk.push(&[id]) {
+                    return Ok(Outcome::Stopped { rest: end, exact_prior });
+                }
+                continue;
+            }
+            Piece::Text { text, start } => (text, start),
+        };
+        let end = start + segment.len();
+        let at_start = start == 0;
+        if let Some(slot) = cache.lookup(segment, at_start) {
+            let Some((ids, prior, memo)) = cache.entry(slot) else { continue };
+            exact_prior += prior;
+            let (go_on, memo) = walk.push_cached(ids, memo);
+            match memo {
+                MemoUse::Replayed => cache.count_replay(),
+                MemoUse::New(memo) => cache.set_memo(slot, memo),
+                MemoUse::None => {}
+            }
+            if !go_on {
+                return Ok(Outcome::Stopped { rest: end, exact_prior });
+            }
+            continue;
+        }
+        segment_ids.clear();
+        walk.begin_segment();
+        let progress = engine.encode_text(segment, start, batch, scratch, &mut |ids| {
+            segment_ids.extend_from_slice(ids);
+            walk.push(ids)
+        })?;
+        match progress {
+            Progress::Complete => {
+                let prior = estimate::prior(segment);
+                exact_prior += prior;
+                if let Some(slot) = cache.insert(segment, at_start, segment_ids, prior)
+                    && let Some(memo) = walk.memo(segment_ids.len())
+                {
+                    cache.set_memo(slot, memo);
+                }
+            }
+            Progress::Stopped { consumed } => {
+                exact_prior += segment.get(..consumed).map_or(0.0, estimate::prior);
+                return Ok(Outcome::Stopped { rest: start + consumed, exact_prior });
+            }
+        }
+    }
+    Ok(Outcome::Complete)
 }
 
 /// Encodes `text` without a segment cache, appending to `out` (the convenience path).
