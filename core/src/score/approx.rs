@@ -16,6 +16,8 @@
 //! A block routed to more than [`HOLDERS`] workers within its TTL keeps the most recent ones: a
 //! prediction, not an inventory.
 
+use std::cell::Cell;
+
 use hashbrown::HashTable;
 
 use crate::fleet::WorkerSlot;
@@ -65,6 +67,10 @@ pub struct ApproxIndex {
     sweep: usize,
     /// Blocks held.
     live: usize,
+    /// The slot of the block last found by [`ApproxIndex::extend_runs`]: a walk reads a prompt's
+    /// blocks in order, and a prompt recorded in order sits in consecutive slots, so the next
+    /// block is usually in the next slot (checked before the table is probed).
+    last_found: Cell<u32>,
     /// The clock's zero for the 32-bit expiry times; set by the first record.
     base_ms: Option<u64>,
     ttl_ms: u64,
@@ -86,6 +92,7 @@ impl ApproxIndex {
             hand: 0,
             sweep: 0,
             live: 0,
+            last_found: Cell::new(u32::MAX),
             base_ms: None,
             ttl_ms: config.ttl_ms,
             max_blocks: config.max_blocks.max(1),
@@ -118,8 +125,9 @@ impl ApproxIndex {
         let now = self.relative(now_ms);
         let ttl = u32::try_from(self.ttl_ms).unwrap_or(u32::MAX);
         let expires = now.saturating_add(ttl);
+        let mut previous = u32::MAX;
         for &hash in hashes {
-            let pos = match self.find(hash) {
+            let pos = match self.find_after(previous, hash) {
                 Some(pos) => {
                     self.slots[pos as usize].referenced = true;
                     pos
@@ -136,6 +144,7 @@ impl ApproxIndex {
                 .unwrap_or_else(|| (0..HOLDERS).min_by_key(|&i| slot.expires[i]).unwrap_or(0));
             slot.workers[place] = worker.0;
             slot.expires[place] = expires;
+            previous = pos;
         }
     }
 
@@ -146,7 +155,10 @@ impl ApproxIndex {
         if self.live == 0 {
             return false;
         }
-        let Some(pos) = self.find(hash) else { return false };
+        // Depth 0 starts a walk: the previous one's last slot says nothing about this block.
+        let previous = if depth == 0 { u32::MAX } else { self.last_found.get() };
+        let Some(pos) = self.find_after(previous, hash) else { return false };
+        self.last_found.set(pos);
         let now = self.read_clock(now_ms);
         let slot = &self.slots[pos as usize];
         let mut extended = false;
@@ -223,6 +235,18 @@ impl ApproxIndex {
         self.hand = 0;
         self.sweep = 0;
         self.live = 0;
+    }
+
+    /// [`ApproxIndex::find`], trying the slot after `previous` first (blocks recorded in order
+    /// take consecutive slots while the index grows).
+    #[inline]
+    fn find_after(&self, previous: u32, hash: BlockHash) -> Option<u32> {
+        // `u32::MAX`: no previous block. A block is in at most one used slot, so a used slot
+        // with its hash is the one.
+        let next = previous
+            .checked_add(1)
+            .filter(|&n| self.slots.get(n as usize).is_some_and(|slot| slot.used && slot.hash == hash.0));
+        next.or_else(|| self.find(hash))
     }
 
     fn find(&self, hash: BlockHash) -> Option<u32> {
