@@ -37,17 +37,47 @@ const SETUP_HINT: &str = "run `make setup` (or `bash scripts/setup.sh`), then ru
 
 // ---- ports ---------------------------------------------------------------------------------------
 
-/// Ports this process already handed out: tests run in parallel threads, and the kernel may hand
-/// the same ephemeral port to two probes once the first probe's socket is closed.
+/// Ports this process already handed out: tests run in parallel threads, and a probe's port is
+/// free again as soon as the probe's socket is closed.
 static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
+/// Lowest port [`free_port`] picks.
+const LOWEST_PORT: u16 = 10_000;
+
 /// A free TCP port on 127.0.0.1, never the same one twice in this process.
+///
+/// Picked below the kernel's ephemeral range: the kernel takes the local port of every outgoing
+/// connection from that range, so a port handed out from it could be taken by some test's client
+/// connection before the server under test binds it (seen once: an agent that could not bind
+/// its port for 30 s while a parallel test's connection held it).
 pub fn free_port() -> u16 {
+    let ephemeral_start = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let handed_out = handed_out.get_or_insert_with(HashSet::new);
+    if ephemeral_start > LOWEST_PORT + 1_000 {
+        let span = u64::from(ephemeral_start - LOWEST_PORT);
+        // A different start per process and call: test binaries of other checkouts may run beside.
+        let mut state = u64::from(std::process::id()) << 32
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+        for _ in 0..200 {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let port = LOWEST_PORT + ((state >> 33) % span) as u16;
+            if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed_out.insert(port);
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range (or all of it taken): let the kernel pick.
     for _ in 0..100 {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
         let port = listener.local_addr().expect("local address of a bound listener").port();
-        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-        if handed_out.get_or_insert_with(HashSet::new).insert(port) {
+        if handed_out.insert(port) {
             return port;
         }
     }
