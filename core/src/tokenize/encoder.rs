@@ -326,8 +326,8 @@ fn walk_pieces<H: FnMut(BlockHash) -> bool>(
         };
         let end = start + segment.len();
         let at_start = start == 0;
-        if let Some(slot) = cache.lookup(segment, at_start) {
-            let Some((ids, prior, memo)) = cache.entry(slot) else { continue };
+        let hit = cache.lookup(segment, at_start).and_then(|slot| Some((slot, cache.entry(slot)?)));
+        if let Some((slot, (ids, prior, memo))) = hit {
             exact_prior += prior;
             let (go_on, memo) = walk.push_cached(ids, memo);
             match memo {
