@@ -1,5 +1,5 @@
-//! The Envoys of the benchmark: an instant upstream (`direct_response` on 4 listener ports, the
-//! filter's 4 "workers"), plain Envoy in front of it (static cluster, round robin, no Wasm), and
+//! The Envoys of the benchmark: an instant upstream (`direct_response` on 4 listener ports once
+//! the whole request is read, the filter's 4 "workers"), plain Envoy in front of it (static cluster, round robin, no Wasm), and
 //! Envoy with the kvmesh filter in the bootstrap shape of the integration tests
 //! (`kvmesh_tests::envoy::EnvoyConfig`). Also what the benchmark reads from them: readiness time,
 //! the filter's log lines and stats, and each process's CPU time.
@@ -110,7 +110,8 @@ fn endpoints(ports: &[u16]) -> String {
     out
 }
 
-/// The instant upstream: one listener per port, each answering every request with [`COMPLETION`].
+/// The instant upstream: one listener per port, each answering every request with [`COMPLETION`]
+/// once it has read the whole request, as an engine does.
 pub fn upstream_yaml(admin: u16, ports: &[u16]) -> String {
     let mut listeners = String::new();
     for port in ports {
@@ -134,6 +135,13 @@ pub fn upstream_yaml(admin: u16, ports: &[u16]) -> String {
               - match: {{ prefix: "/" }}
                 direct_response: {{ status: 200, body: {{ inline_string: '{COMPLETION}' }} }}
           http_filters:
+          # An engine reads the whole request before it answers; without this the upstream would
+          # answer at the headers, before a plain Envoy had forwarded the body, which favours
+          # every proxy that streams the body over one that must read it first.
+          - name: envoy.filters.http.buffer
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+              max_request_bytes: 67108864
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -503,6 +511,9 @@ mod tests {
         let up = upstream_yaml(9000, &[9001, 9002]);
         assert!(up.contains("port_value: 9001") && up.contains("port_value: 9002"));
         assert!(up.contains("direct_response"));
+        // The upstream answers only once it has read the whole body: the buffer filter runs first.
+        let (buffer, router) = (up.find("filters.http.buffer"), up.find("filters.http.router"));
+        assert!(buffer.is_some_and(|b| router.is_some_and(|r| b < r)), "{up}");
         let plain = plain_yaml(9100, 9101, &[9001, 9002]);
         assert!(plain.contains("port_value: 9101") && plain.contains("port_value: 9002"));
         assert!(!plain.contains("wasm"));
