@@ -11,7 +11,7 @@ SHELL := bash
 ENV := . scripts/env.sh &&
 CARGO := $(ENV) cargo
 
-.PHONY: help setup setup-vllm build wasm test-wasm lint test bench bench-envoy demo clean
+.PHONY: help setup setup-vllm build wasm test-wasm lint test bench bench-envoy fuzz demo clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -37,9 +37,12 @@ test-wasm: ## Run kvmesh-core's unit tests built for wasm32-wasip1, in node's V8
 	@$(ENV) CARGO_TARGET_WASM32_WASIP1_RUNNER="node --single-threaded-gc $(CURDIR)/bench/v8/run-wasi.mjs" \
 		cargo test -p kvmesh-core --lib --target wasm32-wasip1
 
-lint: ## Check formatting and run clippy with warnings as errors.
+lint: ## Check formatting and run clippy with warnings as errors (the fuzz targets too).
 	@$(CARGO) fmt --all -- --check
 	@$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@# The fuzz targets are their own workspace (make fuzz): checked here so they keep building.
+	@$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	@$(CARGO) clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 
 # --no-fail-fast: one crate's failure must not hide the others' results in CI.
 test: setup setup-vllm wasm lint test-wasm ## setup, setup-vllm, wasm, lint, core in V8, then every test (unit and integration with real Envoy, NATS and vLLM).
@@ -56,6 +59,11 @@ bench-envoy: setup wasm ## Envoy with and without the filter: added latency, thr
 	@$(CARGO) build -p kvmesh-bench --bin filter-stages --target wasm32-wasip1 --profile wasm
 	@$(CARGO) run --release -p kvmesh-bench --bin envoy-overhead -- \
 		--v8-stages "$$CARGO_TARGET_DIR/wasm32-wasip1/wasm/filter-stages.wasm" $(ARGS)
+
+# Not part of `test`: building with libFuzzer's sanitizers takes minutes (fuzz/README.md).
+# FUZZ_SECONDS per target (default 60); TARGETS to pick some; the corpus grows in the cache.
+fuzz: setup ## Fuzz every decoder of outside bytes (cargo fuzz, libFuzzer), FUZZ_SECONDS each.
+	@bash scripts/fuzz.sh $(TARGETS)
 
 demo: setup wasm ## Start a simulated fleet behind Envoy (kvmesh serve), send a chat workload, compare policies.
 	@$(CARGO) run -p kvmesh-cli -- demo --serve
