@@ -236,12 +236,28 @@ pub struct RunningEnvoy {
 }
 
 impl RunningEnvoy {
-    /// Writes `yaml`, starts Envoy with `--concurrency concurrency`, and waits for `/ready`.
-    pub fn start(name: &str, yaml: &str, admin: u16, port: u16, concurrency: usize) -> Result<RunningEnvoy> {
+    /// Writes `yaml`, starts Envoy with `--concurrency concurrency` (on CPU `cpu` alone when
+    /// given, through `taskset`), and waits for `/ready`.
+    pub fn start(
+        name: &str,
+        yaml: &str,
+        admin: u16,
+        port: u16,
+        concurrency: usize,
+        cpu: Option<usize>,
+    ) -> Result<RunningEnvoy> {
         let dir = TempDir::new(&format!("bench-{name}"));
         let bootstrap = dir.path().join("envoy.yaml");
         std::fs::write(&bootstrap, yaml).with_context(|| format!("write {}", bootstrap.display()))?;
-        let mut cmd = Command::new(envoy_binary());
+        let mut cmd = match cpu {
+            None => Command::new(envoy_binary()),
+            Some(cpu) => {
+                // taskset execs Envoy: the child's pid, log and CPU time are Envoy's.
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", &cpu.to_string()]).arg(envoy_binary());
+                cmd
+            }
+        };
         cmd.arg("-c").arg(&bootstrap).args(["--concurrency", &concurrency.to_string()]);
         // No shared memory (no --base-id needed beside other Envoys); info shows the filter's
         // load-time line and nothing per request.
@@ -264,11 +280,11 @@ impl RunningEnvoy {
         Ok(RunningEnvoy { name: name.to_owned(), process, admin, port, ready_after })
     }
 
-    /// Starts `target` in front of `upstream_ports` on fresh ports.
-    pub fn start_target(target: Target, upstream_ports: &[u16]) -> Result<RunningEnvoy> {
+    /// Starts `target` in front of `upstream_ports` on fresh ports (on CPU `cpu` alone when given).
+    pub fn start_target(target: Target, upstream_ports: &[u16], cpu: Option<usize>) -> Result<RunningEnvoy> {
         let (admin, port) = (free_port(), free_port());
         let yaml = target.bootstrap(admin, port, upstream_ports)?;
-        RunningEnvoy::start(target.name(), &yaml, admin, port, 1)
+        RunningEnvoy::start(target.name(), &yaml, admin, port, 1, cpu)
     }
 
     /// The listener's address.

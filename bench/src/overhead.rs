@@ -51,6 +51,9 @@ pub struct Options {
     pub native_iterations: usize,
     /// Worker threads of the upstream Envoy.
     pub upstream_concurrency: usize,
+    /// Pin the Envoy under test to the last CPU and this client and the upstream Envoy to the
+    /// others, so that they never take turns on one core.
+    pub pin: bool,
     /// The `filter-stages` module built for wasm32-wasip1: when set, the stages are also timed in
     /// node's V8 (`node` on PATH).
     pub v8_stages: Option<PathBuf>,
@@ -75,6 +78,9 @@ pub struct Machine {
     pub load_after: f64,
     /// Wall time of the whole benchmark, seconds.
     pub elapsed_s: f64,
+    /// How processes were placed on CPUs (`None`: wherever the scheduler put them).
+    #[serde(default)]
+    pub pinning: Option<String>,
 }
 
 /// Fresh starts of one configuration.
@@ -232,6 +238,8 @@ pub fn run(options: &Options) -> Result<Report> {
     report.workloads = workloads.iter().map(|w| (w.name.to_owned(), w.description.to_owned())).collect();
     let mut runs = Runs(0);
 
+    // Before the upstream starts: it inherits this process's CPUs.
+    let target_cpu = if options.pin { Some(pin_self(&mut report.machine)?) } else { None };
     let upstream_ports: Vec<u16> = (0..UPSTREAMS).map(|_| free_port()).collect();
     let upstream_admin = free_port();
     let upstream = RunningEnvoy::start(
@@ -240,10 +248,11 @@ pub fn run(options: &Options) -> Result<Report> {
         upstream_admin,
         upstream_ports[0],
         options.upstream_concurrency,
+        None,
     )?;
 
     if options.startup_runs > 0 {
-        startup(options, &upstream_ports, &all, &mut runs, &mut report)?;
+        startup(options, &upstream_ports, target_cpu, &all, &mut runs, &mut report)?;
     }
     if options.native_iterations > 0 {
         native(options, &upstream_ports, &tokenizer, &workloads, &mut runs, &mut report)?;
@@ -259,7 +268,7 @@ pub fn run(options: &Options) -> Result<Report> {
     let mut envoys = Vec::new();
     for &target in &options.targets {
         eprintln!("starting {}", target.name());
-        envoys.push((target, RunningEnvoy::start_target(target, &upstream_ports)?));
+        envoys.push((target, RunningEnvoy::start_target(target, &upstream_ports, target_cpu)?));
     }
     // Each (workload, concurrency) block runs its targets in interleaved rounds, each round in a
     // rotated order, so a change in the machine's load over time weighs on every target alike.
@@ -306,6 +315,31 @@ pub fn run(options: &Options) -> Result<Report> {
     Ok(report)
 }
 
+/// Pins this process (the load client's threads, and the upstream Envoy started after) to every
+/// CPU but the last, which it returns for the Envoys under test.
+fn pin_self(machine: &mut Machine) -> Result<usize> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        bail!("--pin needs at least 2 CPUs, this process has {cpus}");
+    }
+    let last = cpus - 1;
+    let (others, named) = if last == 1 {
+        ("0".to_owned(), "CPU 0".to_owned())
+    } else {
+        (format!("0-{}", last - 1), format!("CPUs 0-{}", last - 1))
+    };
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", &others, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("run taskset (util-linux) to pin the client")?;
+    if !status.success() {
+        bail!("taskset could not pin this process to CPUs {others}: {status}");
+    }
+    machine.pinning = Some(format!("Envoy under test on CPU {last}, client and upstream Envoy on {named}"));
+    Ok(last)
+}
+
 fn machine() -> Result<Machine> {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -340,6 +374,7 @@ fn machine() -> Result<Machine> {
 fn startup(
     options: &Options,
     upstream_ports: &[u16],
+    target_cpu: Option<usize>,
     workloads: &[Workload],
     runs: &mut Runs,
     report: &mut Report,
@@ -354,7 +389,7 @@ fn startup(
         let mut row = StartupRow { config: label.to_owned(), ..StartupRow::default() };
         for i in 0..options.startup_runs {
             eprintln!("start-up: {label}, run {}", i + 1);
-            let envoy = RunningEnvoy::start_target(target, upstream_ports)?;
+            let envoy = RunningEnvoy::start_target(target, upstream_ports, target_cpu)?;
             row.ready_ms.push(envoy.ready_after.as_secs_f64() * 1_000.0);
             row.phases.push(envoy.startup_phases());
             if target.routes() {

@@ -44,7 +44,7 @@ pub fn markdown(report: &Report) -> String {
         out,
         "Machine: {} CPUs ({}), load average {:.1} at the start and {:.1} at the end; Envoy {}; filter module \
          {:.2} MB; each Envoy under test `--concurrency 1`; per workload, concurrency and Envoy {} s \
-         recorded in {} interleaved rounds, each after {} s of warm-up; {:.0} s in all.\n",
+         recorded in {} interleaved rounds, each after {} s of warm-up; {:.0} s in all{}.\n",
         m.cpus,
         m.cpu_model,
         m.load_before,
@@ -54,7 +54,8 @@ pub fn markdown(report: &Report) -> String {
         report.duration_s,
         report.rounds,
         report.warmup_s,
-        m.elapsed_s
+        m.elapsed_s,
+        m.pinning.as_deref().map(|p| format!("; pinned: {p}")).unwrap_or_default()
     );
     summary(&mut out, report);
     long_prompts(&mut out, report);

@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     workload: Vec<String>,
     /// Envoys under load, comma-separated: plain, filter, filter-no-segment-cache,
-    /// filter-passthrough [default: all].
+    /// filter-passthrough, filter-kv-aware [default: all].
     #[arg(long, value_delimiter = ',')]
     target: Vec<String>,
     /// Fresh starts per configuration for start-up times and first-sight decision times; 0 skips
@@ -45,6 +45,10 @@ struct Args {
     /// Worker threads of the upstream Envoy.
     #[arg(long, default_value_t = 1)]
     upstream_concurrency: usize,
+    /// Pin each Envoy under test to the last CPU, and this client and the upstream Envoy to the
+    /// others (`taskset`), so that on a small machine they never take turns on one core.
+    #[arg(long)]
+    pin: bool,
     /// The `filter-stages` binary built for wasm32-wasip1: also time the filter's stages in node's
     /// V8 (what `make bench-envoy` passes).
     #[arg(long, value_name = "WASM")]
@@ -105,6 +109,7 @@ fn options(args: &Args) -> Result<Options, String> {
         startup_runs: args.startup_runs.unwrap_or(if quick { 1 } else { 3 }),
         native_iterations: args.native_iterations.unwrap_or(if quick { 20 } else { 200 }),
         upstream_concurrency: args.upstream_concurrency.max(1),
+        pin: args.pin,
         v8_stages: args.v8_stages.clone(),
         command,
     })
