@@ -12,9 +12,8 @@ use kvmesh_core::hash::{BlockSalt, hash_prompt};
 use kvmesh_core::request::{
     Endpoint, InferenceRequest, Prompt, RequestError, RequestLimits, openai_error_body, parse_request,
 };
-use kvmesh_core::template::{ChatTemplate, RenderOptions, RenderPath};
-use kvmesh_core::tokenize::Encoder;
-use kvmesh_core::tokenize::SegmentCacheConfig;
+use kvmesh_core::template::{ChatLayout, ChatTemplate, RenderOptions, RenderPath, RenderedChat};
+use kvmesh_core::tokenize::{BlockWalk, Encoder, SegmentCacheConfig};
 use kvmesh_core::{
     BlockHash, Fleet, Outcome, Policy, PolicyKind, PrefixIndex, RouteInput, RoutingConfig, Scorer,
     SplitMix64, TokenId, Tokenizer, TokenizerFiles, WorkerInfo, WorkerSlot,
@@ -297,12 +296,15 @@ impl Router {
             }
             Some(model) => {
                 let policy = self.policies.get(model_name).unwrap_or(&self.default_policy);
-                let (input, rendered) = prompt_input(model, &request, now_unix_seconds)?;
+                let Model { tokenizer, encoder, template, block_size, .. } = model;
+                let (input, rendered) =
+                    prompt_input(tokenizer, template.as_ref(), &request, now_unix_seconds)?;
                 render = rendered;
                 let salt = BlockSalt::for_request(None, request.cache_salt());
-                let block_size = model.block_size;
-                let prompt_tokens = match input {
-                    PromptInput::Tokens(ids) => {
+                let block_size = *block_size;
+                let prompt_tokens = match input.text() {
+                    None => {
+                        let ids = input.tokens();
                         hash_prompt(ids, block_size as usize, salt, &mut self.hashes);
                         ids.len() as u64
                     }
@@ -311,9 +313,7 @@ impl Router {
                     // the fleet's index or this proxy's recent decisions), and estimate the rest
                     // of the length from its bytes. The walk counts each worker's prefix as it
                     // goes, so scoring reads neither index again.
-                    PromptInput::Text { text, add_special_tokens }
-                        if self.early_exit && policy.kind() == PolicyKind::KvAware =>
-                    {
+                    Some(text) if self.early_exit && policy.kind() == PolicyKind::KvAware => {
                         let (index, runs) = (&self.index, &mut self.runs);
                         runs.clear();
                         runs.resize(self.fleet.slot_bound(), 0);
@@ -323,20 +323,17 @@ impl Router {
                             depth += 1;
                             grew
                         };
-                        let walk = model
-                            .encoder
-                            .walk_blocks(&text, add_special_tokens, block_size as usize, salt, held)
-                            .map_err(|e| internal(&e))?;
+                        let walk =
+                            text.walk(encoder, block_size as usize, salt, held).map_err(|e| internal(&e))?;
                         self.hashes.extend_from_slice(walk.hashes);
                         walked = true;
                         walk.total_tokens as u64
                     }
-                    // Every block, exactly: the same walk that never stops (cached segments
-                    // replay their block hashes).
-                    PromptInput::Text { text, add_special_tokens } => {
-                        let walk = model
-                            .encoder
-                            .walk_blocks(&text, add_special_tokens, block_size as usize, salt, |_| true)
+                    // Every block, exactly: the same walk that never stops (cached segments and
+                    // turns replay their block hashes).
+                    Some(text) => {
+                        let walk = text
+                            .walk(encoder, block_size as usize, salt, |_| true)
                             .map_err(|e| internal(&e))?;
                         self.hashes.extend_from_slice(walk.hashes);
                         walk.total_tokens as u64
@@ -424,18 +421,67 @@ impl Router {
 enum PromptInput<'a> {
     /// Text (a rendered chat, or a completion prompt), with or without the model's special tokens.
     Text { text: std::borrow::Cow<'a, str>, add_special_tokens: bool },
+    /// A chat laid out by a native renderer, never written out whole.
+    Layout { layout: ChatLayout<'a>, add_special_tokens: bool },
     /// Token ids given by the client.
     Tokens(&'a [TokenId]),
+}
+
+impl<'a> PromptInput<'a> {
+    /// The prompt as text to walk, or `None` for token ids.
+    fn text(&self) -> Option<TextInput<'_>> {
+        match self {
+            PromptInput::Text { text, add_special_tokens } => {
+                Some(TextInput::Text(text, *add_special_tokens))
+            }
+            PromptInput::Layout { layout, add_special_tokens } => {
+                Some(TextInput::Layout(layout, *add_special_tokens))
+            }
+            PromptInput::Tokens(_) => None,
+        }
+    }
+
+    /// The client's token ids (empty for a text prompt).
+    fn tokens(&self) -> &[TokenId] {
+        match self {
+            PromptInput::Tokens(ids) => ids,
+            _ => &[],
+        }
+    }
+}
+
+/// A text prompt, written out or laid out, with whether the tokenizer adds its special tokens.
+enum TextInput<'i> {
+    Text(&'i str, bool),
+    Layout(&'i ChatLayout<'i>, bool),
+}
+
+impl TextInput<'_> {
+    /// Tokenizes and hashes the prompt block by block through `encoder`, until `held` says no.
+    fn walk<'e>(
+        &self,
+        encoder: &'e mut Encoder,
+        block_size: usize,
+        salt: BlockSalt,
+        held: impl FnMut(BlockHash) -> bool,
+    ) -> Result<BlockWalk<'e>, kvmesh_core::tokenize::TokenizeError> {
+        match *self {
+            TextInput::Text(text, add) => encoder.walk_blocks(text, add, block_size, salt, held),
+            TextInput::Layout(layout, add) => encoder.walk_layout(layout, add, block_size, salt, held),
+        }
+    }
 }
 
 fn internal(e: &dyn std::fmt::Display) -> Rejected {
     Rejected::new(RejectKind::Internal, &format!("cannot tokenize the prompt: {e}"), "InternalServerError")
 }
 
-/// The prompt of `request`: the chat rendered with the model's template (and how), or the
-/// completion's prompt (a batch is routed as a whole, on its first prompt).
+/// The prompt of `request`: the chat rendered with the model's template (laid out when a native
+/// renderer covers it; and how it was rendered), or the completion's prompt (a batch is routed as
+/// a whole, on its first prompt).
 fn prompt_input<'a>(
-    model: &Model,
+    tokenizer: &Tokenizer,
+    model_template: Option<&'a ChatTemplate>,
     request: &'a InferenceRequest<'a>,
     now_unix_seconds: i64,
 ) -> Result<(PromptInput<'a>, Option<RenderPath>), Rejected> {
@@ -444,24 +490,26 @@ fn prompt_input<'a>(
             let bad = |e: &dyn std::fmt::Display| {
                 Rejected::new(RejectKind::BadRequest, &format!("{e}"), "invalid_request_error")
             };
-            // A request's own template or tools pick another template: compiled per request (rare).
-            let own;
-            let template = match (&chat.chat_template, &chat.tools, &model.template) {
-                (None, None, Some(template)) => template,
+            let options = RenderOptions { now_unix_seconds: Some(now_unix_seconds), default_kwargs: None };
+            let add_special_tokens = chat.add_special_tokens;
+            let rendered = match (&chat.chat_template, &chat.tools, model_template) {
+                (None, None, Some(template)) => template.render_chat(chat, &options).map_err(|e| bad(&e))?,
+                // A request's own template or tools pick another template: compiled per request
+                // (rare), and its prompt written out, since the template does not outlive this call.
                 _ => {
-                    own = model
-                        .tokenizer
+                    let own = tokenizer
                         .chat_template(chat.chat_template.as_deref(), chat.tools.is_some())
                         .map_err(|e| bad(&e))?;
-                    &own
+                    let (text, path) = own.render_traced(chat, &options).map_err(|e| bad(&e))?;
+                    return Ok((PromptInput::Text { text: text.into(), add_special_tokens }, Some(path)));
                 }
             };
-            let options = RenderOptions { now_unix_seconds: Some(now_unix_seconds), default_kwargs: None };
-            let (text, path) = template.render_traced(chat, &options).map_err(|e| bad(&e))?;
-            Ok((
-                PromptInput::Text { text: text.into(), add_special_tokens: chat.add_special_tokens },
-                Some(path),
-            ))
+            let path = rendered.path();
+            let input = match rendered {
+                RenderedChat::Layout(layout) => PromptInput::Layout { layout, add_special_tokens },
+                RenderedChat::Text(text) => PromptInput::Text { text: text.into(), add_special_tokens },
+            };
+            Ok((input, Some(path)))
         }
         InferenceRequest::Completion(completion) => Ok((
             match &completion.prompt {

@@ -29,7 +29,7 @@ use crate::request::{ChatMessage, ChatRequest, ContentPart, MessageContent};
 
 mod native;
 
-pub use native::Native;
+pub use native::{ChatLayout, Native};
 
 /// Name of the one template held by each [`ChatTemplate`]'s environment.
 const TEMPLATE_NAME: &str = "chat";
@@ -113,6 +113,34 @@ pub enum RenderPath {
     Interpreted,
 }
 
+/// A chat rendered for tokenizing: laid out by a native renderer (the text in parts, never
+/// written out unless asked), or written out by minijinja.
+#[derive(Clone, Debug)]
+pub enum RenderedChat<'r> {
+    /// By a native renderer ([`RenderPath::Native`]).
+    Layout(ChatLayout<'r>),
+    /// Through minijinja ([`RenderPath::Interpreted`]).
+    Text(String),
+}
+
+impl RenderedChat<'_> {
+    /// Which way it was rendered.
+    pub fn path(&self) -> RenderPath {
+        match self {
+            RenderedChat::Layout(_) => RenderPath::Native,
+            RenderedChat::Text(_) => RenderPath::Interpreted,
+        }
+    }
+
+    /// The prompt text.
+    pub fn into_text(self) -> String {
+        match self {
+            RenderedChat::Layout(layout) => layout.text(),
+            RenderedChat::Text(text) => text,
+        }
+    }
+}
+
 /// Inputs that do not come from the request.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RenderOptions<'a> {
@@ -188,12 +216,24 @@ impl ChatTemplate {
         request: &ChatRequest<'_>,
         options: &RenderOptions<'_>,
     ) -> Result<(String, RenderPath), TemplateError> {
-        if let Some(text) =
-            self.native.and_then(|n| n.render(request, options.default_kwargs, &self.specials))
+        let chat = self.render_chat(request, options)?;
+        let path = chat.path();
+        Ok((chat.into_text(), path))
+    }
+
+    /// Renders `request` as [`ChatTemplate::render`] does, but leaves a natively rendered chat
+    /// laid out in parts (see [`ChatLayout`]) rather than written out.
+    pub fn render_chat<'r>(
+        &'r self,
+        request: &'r ChatRequest<'_>,
+        options: &RenderOptions<'_>,
+    ) -> Result<RenderedChat<'r>, TemplateError> {
+        if let Some(layout) =
+            self.native.and_then(|n| n.layout(request, options.default_kwargs, &self.specials))
         {
-            return Ok((text, RenderPath::Native));
+            return Ok(RenderedChat::Layout(layout));
         }
-        self.render_interpreted(request, options).map(|text| (text, RenderPath::Interpreted))
+        self.render_interpreted(request, options).map(RenderedChat::Text)
     }
 
     /// Renders `request` through minijinja even where a native renderer applies (parity checks

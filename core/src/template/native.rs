@@ -11,6 +11,13 @@
 //! renderer states the requests it covers ([`Native::render`] returns `None` for anything else,
 //! which minijinja then renders). `native_matches_minijinja` below compares both paths on thousands
 //! of generated conversations, and `core/tests/template_parity.rs` compares with transformers.
+//!
+//! A native renderer does not write the prompt itself: it lays it out ([`ChatLayout`]) as text
+//! parts borrowed from the request and the template, grouped into chunks that each start at the
+//! template's turn token. Writing the parts in order is the rendered prompt; a tokenizer can
+//! instead look each turn up by its text without writing it (`Encoder::walk_layout`).
+
+use std::borrow::Cow;
 
 use serde_json::value::RawValue;
 
@@ -89,22 +96,105 @@ impl<'de> serde::Deserialize<'de> for KwargMap<'de> {
 }
 
 /// A message's text as a string-content template sees it: text parts joined with `"\n"`, absent
-/// content as `""`; `None` for media parts.
-fn text_of<'a>(message: &'a ChatMessage<'_>, scratch: &'a mut String) -> Option<&'a str> {
+/// content as `""`; `None` for media parts. Borrowed unless the content is a list of parts.
+fn text_of<'a>(message: &'a ChatMessage<'_>) -> Option<Cow<'a, str>> {
     match &message.content {
-        None => Some(""),
-        Some(MessageContent::Text(text)) => Some(text),
+        None => Some(Cow::Borrowed("")),
+        Some(MessageContent::Text(text)) => Some(Cow::Borrowed(text)),
         Some(MessageContent::Parts(parts)) => {
-            scratch.clear();
+            let mut joined = String::new();
             for (i, part) in parts.iter().enumerate() {
                 let ContentPart::Text(text) = part else { return None };
                 if i > 0 {
-                    scratch.push('\n');
+                    joined.push('\n');
                 }
-                scratch.push_str(text);
+                joined.push_str(text);
             }
-            Some(scratch)
+            Some(Cow::Owned(joined))
         }
+    }
+}
+
+/// A chat prompt laid out by a native renderer: its text as parts (template literals and message
+/// text borrowed from the request), grouped into chunks. Every chunk but the first starts with
+/// the template's turn token ([`ChatLayout::boundary`]); where that token is an added token of the
+/// model's tokenizer, which nothing around it can merge with or strip into, the prompt's ids are
+/// its chunks' ids concatenated, so a tokenizer may cache ids per chunk text (a system prompt, an
+/// earlier turn) and never needs the whole prompt written out.
+#[derive(Clone, Debug)]
+pub struct ChatLayout<'r> {
+    parts: Vec<Cow<'r, str>>,
+    /// Where each chunk's parts end in `parts`.
+    ends: Vec<usize>,
+    boundary: &'static str,
+}
+
+impl<'r> ChatLayout<'r> {
+    fn new(boundary: &'static str, capacity: usize) -> Self {
+        ChatLayout {
+            parts: Vec::with_capacity(capacity),
+            ends: Vec::with_capacity(capacity / 4 + 1),
+            boundary,
+        }
+    }
+
+    fn push(&mut self, part: impl Into<Cow<'r, str>>) {
+        self.parts.push(part.into());
+    }
+
+    /// Ends the chunk being pushed (an empty one is not kept).
+    fn end_chunk(&mut self) {
+        if self.ends.last().copied().unwrap_or(0) < self.parts.len() {
+            self.ends.push(self.parts.len());
+        }
+    }
+
+    /// The text every chunk but the first starts with: the template's turn token.
+    pub fn boundary(&self) -> &'static str {
+        self.boundary
+    }
+
+    /// The chunks, each as its text parts in order.
+    pub fn chunks(&self) -> impl Iterator<Item = &[Cow<'r, str>]> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter().copied()).map(|(from, to)| &self.parts[from..to])
+    }
+
+    /// Bytes of the rendered prompt.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.len()).sum()
+    }
+
+    /// Whether the rendered prompt is empty (never, for a laid-out chat).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the rendered prompt to `out`.
+    pub fn write(&self, out: &mut String) {
+        out.reserve(self.len());
+        for part in &self.parts {
+            out.push_str(part);
+        }
+    }
+
+    /// Appends the rendered prompt from its byte `from` on (a char boundary) to `out`.
+    pub fn write_from(&self, from: usize, out: &mut String) {
+        let mut at = 0;
+        for part in &self.parts {
+            let end = at + part.len();
+            if end > from {
+                out.push_str(part.get(from.saturating_sub(at)..).unwrap_or_default());
+            }
+            at = end;
+        }
+    }
+
+    /// The rendered prompt.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        self.write(&mut out);
+        out
     }
 }
 
@@ -126,6 +216,17 @@ impl Native {
         default_kwargs: Option<&str>,
         specials: &SpecialTokens,
     ) -> Option<String> {
+        self.layout(request, default_kwargs, specials).map(|layout| layout.text())
+    }
+
+    /// Lays `request` out as the template would render it, or `None` when the request is outside
+    /// what this renderer covers.
+    pub fn layout<'r>(
+        self,
+        request: &'r ChatRequest<'_>,
+        default_kwargs: Option<&str>,
+        specials: &'r SpecialTokens,
+    ) -> Option<ChatLayout<'r>> {
         if request.tools.is_some() || request.documents.is_some() || request.messages.is_empty() {
             return None;
         }
@@ -153,13 +254,12 @@ impl Native {
 /// Qwen3's template for text turns of `system`, `user` and `assistant` without tool calls or
 /// reasoning: every turn is `<|im_start|>{role}\n{content}<|im_end|>\n`, except that an assistant
 /// turn ending the conversation after the last user query gets an empty think block.
-fn qwen3(
-    messages: &[ChatMessage<'_>],
+fn qwen3<'r>(
+    messages: &'r [ChatMessage<'_>],
     add_generation_prompt: bool,
     enable_thinking: Option<bool>,
-) -> Option<String> {
-    let mut scratch = String::new();
-    let mut bytes = 64;
+) -> Option<ChatLayout<'r>> {
+    let mut texts = Vec::with_capacity(messages.len());
     for m in messages {
         let plain = matches!(m.role.as_ref(), "system" | "user" | "assistant")
             && m.tool_calls.is_none()
@@ -167,70 +267,80 @@ fn qwen3(
         if !plain {
             return None;
         }
-        let text = text_of(m, &mut scratch)?;
+        let text = text_of(m)?;
         // The template splits reasoning out of an assistant turn at `</think>`.
         if m.role == "assistant" && memchr::memmem::find(text.as_bytes(), b"</think>").is_some() {
             return None;
         }
-        bytes += text.len() + 32;
+        texts.push(text);
     }
     // The last user turn that is not a wrapped tool response (the template's `last_query_index`).
     let last = messages.len() - 1;
     let mut last_query = last;
     for (i, m) in messages.iter().enumerate().rev() {
         if m.role == "user" {
-            let text = text_of(m, &mut scratch)?;
+            let text = &texts[i];
             if !(text.starts_with("<tool_response>") && text.ends_with("</tool_response>")) {
                 last_query = i;
                 break;
             }
         }
     }
-    let mut out = String::with_capacity(bytes);
-    for (i, m) in messages.iter().enumerate() {
-        let text = text_of(m, &mut scratch)?;
-        out.push_str("<|im_start|>");
-        out.push_str(&m.role);
-        out.push('\n');
+    let mut layout = ChatLayout::new("<|im_start|>", 6 * messages.len() + 3);
+    for (i, (m, text)) in messages.iter().zip(texts).enumerate() {
+        layout.push("<|im_start|>");
+        layout.push(m.role.as_ref());
         if m.role == "assistant" && i > last_query && i == last {
-            out.push_str("<think>\n\n</think>\n\n");
-            out.push_str(text.trim_start_matches('\n'));
+            layout.push("\n<think>\n\n</think>\n\n");
+            layout.push(match text {
+                Cow::Borrowed(t) => Cow::Borrowed(t.trim_start_matches('\n')),
+                Cow::Owned(t) => Cow::Owned(t.trim_start_matches('\n').to_owned()),
+            });
         } else {
-            out.push_str(text);
+            layout.push("\n");
+            layout.push(text);
         }
-        out.push_str("<|im_end|>\n");
+        layout.push("<|im_end|>\n");
+        layout.end_chunk();
     }
     if add_generation_prompt {
-        out.push_str("<|im_start|>assistant\n");
+        layout.push("<|im_start|>assistant\n");
         if enable_thinking == Some(false) {
-            out.push_str("<think>\n\n</think>\n\n");
+            layout.push("<think>\n\n</think>\n\n");
         }
+        layout.end_chunk();
     }
-    Some(out)
+    Some(layout)
 }
 
 /// Llama 3's template: every message, whatever its role, is a header and its trimmed text (the
 /// template reads nothing else of it), the first after the BOS token. `trim` is minijinja's
 /// (Unicode White_Space), which the interpreted path uses too.
-fn llama3(messages: &[ChatMessage<'_>], add_generation_prompt: bool, bos: &str) -> Option<String> {
-    let mut scratch = String::new();
-    let mut bytes = bos.len() + 64;
+fn llama3<'r>(
+    messages: &'r [ChatMessage<'_>],
+    add_generation_prompt: bool,
+    bos: &'r str,
+) -> Option<ChatLayout<'r>> {
+    let mut layout = ChatLayout::new("<|start_header_id|>", 5 * messages.len() + 3);
+    layout.push(bos);
+    layout.end_chunk();
     for m in messages {
-        bytes += text_of(m, &mut scratch)?.len() + m.role.len() + 48;
-    }
-    let mut out = String::with_capacity(bytes);
-    out.push_str(bos);
-    for m in messages {
-        out.push_str("<|start_header_id|>");
-        out.push_str(&m.role);
-        out.push_str("<|end_header_id|>\n\n");
-        out.push_str(text_of(m, &mut scratch)?.trim());
-        out.push_str("<|eot_id|>");
+        let text = match text_of(m)? {
+            Cow::Borrowed(t) => Cow::Borrowed(t.trim()),
+            Cow::Owned(t) => Cow::Owned(t.trim().to_owned()),
+        };
+        layout.push("<|start_header_id|>");
+        layout.push(m.role.as_ref());
+        layout.push("<|end_header_id|>\n\n");
+        layout.push(text);
+        layout.push("<|eot_id|>");
+        layout.end_chunk();
     }
     if add_generation_prompt {
-        out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
+        layout.push("<|start_header_id|>assistant<|end_header_id|>\n\n");
+        layout.end_chunk();
     }
-    Some(out)
+    Some(layout)
 }
 
 #[cfg(test)]
@@ -311,6 +421,43 @@ mod tests {
             named: vec![("bos_token".to_owned(), "<|begin_of_text|>".to_owned())],
             additional: Vec::new(),
         }
+    }
+
+    #[test]
+    fn every_chunk_but_the_first_starts_at_the_turn_token() {
+        let mut rng = SplitMix64::new(11);
+        let mut laid_out = 0;
+        for native in [Native::Qwen3, Native::Llama3] {
+            for _ in 0..500 {
+                let body = conversation(&mut rng);
+                let Ok(InferenceRequest::Chat(request)) =
+                    parse_request(Endpoint::ChatCompletions, body.as_bytes(), &RequestLimits::default())
+                else {
+                    panic!("not a chat request: {body}");
+                };
+                let specials = specials();
+                let Some(layout) = native.layout(&request, None, &specials) else { continue };
+                laid_out += 1;
+                let text = layout.text();
+                let mut chunks = 0;
+                for (i, chunk) in layout.chunks().enumerate() {
+                    let chunk: String = chunk.iter().map(|p| p.as_ref()).collect();
+                    assert!(
+                        i == 0 || chunk.starts_with(layout.boundary()),
+                        "{native:?}, chunk {i}: {chunk:?}"
+                    );
+                    chunks += 1;
+                }
+                assert!(chunks > request.messages.len() - usize::from(native == Native::Qwen3), "{body}");
+                assert_eq!(layout.len(), text.len());
+                for from in (0..=text.len()).filter(|&at| text.is_char_boundary(at)).step_by(7) {
+                    let mut rest = String::new();
+                    layout.write_from(from, &mut rest);
+                    assert_eq!(rest, text[from..], "{native:?} from {from}");
+                }
+            }
+        }
+        assert!(laid_out > 300, "{laid_out}");
     }
 
     #[test]

@@ -11,12 +11,19 @@
 //! walk passed it, with the walk's state where it began. A later walk in the same state (the same
 //! earlier turns before it) takes those hashes instead of copying the ids and hashing them again.
 //!
+//! A laid-out chat ([`crate::template::ChatLayout`]) is cached per chunk the same way: a chunk
+//! starts at an added token that nothing merges across, so its ids never depend on what is around
+//! it, and it is found by its text without the text being written out (hashed and compared part by
+//! part). Chunks are kept apart from segments (a key of their own).
+//!
 //! Bounded by bytes and entries, evicting with CLOCK (second chance): a hit sets the entry's
 //! referenced bit, the hand clears it on its first pass and evicts on the second. The segment text
 //! is stored and compared on every hit, so a hash collision can only cost a miss, never wrong ids.
 
+use std::borrow::Cow;
+
 use hashbrown::HashTable;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed};
 
 use crate::hash::{BlockHash, BlockSalt, TokenId};
 
@@ -71,15 +78,36 @@ pub struct SegmentCacheStats {
     pub bytes: usize,
 }
 
-/// One cached segment.
+/// What an entry's text is, part of its key.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kind {
+    /// Text between two added tokens, not at the start of its prompt.
+    Segment,
+    /// A segment that opened its prompt (a `Metaspace` normalizer treats that one apart).
+    SegmentAtStart,
+    /// A chunk of a laid-out chat: text starting at an added token, added tokens inside it.
+    Chunk,
+}
+
+impl Kind {
+    /// The segment kind for a segment at `at_start`.
+    pub(crate) fn segment(at_start: bool) -> Kind {
+        if at_start { Kind::SegmentAtStart } else { Kind::Segment }
+    }
+
+    fn seed(self) -> u64 {
+        SEGMENT_SEED ^ self as u64
+    }
+}
+
+/// One cached segment or chunk.
 struct Entry {
     text: Box<str>,
     ids: Box<[TokenId]>,
-    /// The segment's [`super::estimate::prior`], so early exit's correction never rescans text
-    /// it did not tokenize.
+    /// The text's [`super::estimate::prior`] (added tokens counted as one each), so early exit's
+    /// correction never rescans text it did not tokenize.
     prior: f32,
-    /// Whether the segment opened its prompt (a `Metaspace` normalizer treats that one apart).
-    at_start: bool,
+    kind: Kind,
     /// The block hashes this segment completed the last time it was walked, and after what.
     memo: Option<ChainMemo>,
 }
@@ -175,8 +203,30 @@ fn same_text(a: &str, b: &str) -> bool {
     }
 }
 
-fn segment_hash(text: &str, at_start: bool) -> u64 {
-    xxh3_64_with_seed(text.as_bytes(), SEGMENT_SEED ^ u64::from(at_start))
+/// Whether `text` is `parts` written out, compared part by part.
+fn same_parts(text: &str, parts: &[Cow<'_, str>]) -> bool {
+    let mut rest = text;
+    for part in parts {
+        let Some(here) = rest.get(..part.len()) else { return false };
+        if !same_text(here, part) {
+            return false;
+        }
+        rest = &rest[part.len()..];
+    }
+    rest.is_empty()
+}
+
+fn segment_hash(text: &str, kind: Kind) -> u64 {
+    xxh3_64_with_seed(text.as_bytes(), kind.seed())
+}
+
+/// [`segment_hash`] of `parts` written out (XXH3 streamed equals XXH3 at once).
+fn parts_hash(parts: &[Cow<'_, str>], kind: Kind) -> u64 {
+    let mut hasher = Xxh3::with_seed(kind.seed());
+    for part in parts {
+        hasher.update(part.as_bytes());
+    }
+    hasher.digest()
 }
 
 impl SegmentCache {
@@ -203,20 +253,33 @@ impl SegmentCache {
         self.entry(slot).map(|(ids, prior, _)| (ids, prior))
     }
 
-    /// The slot holding `text`, if cached (counted as a hit or a miss).
+    /// The slot holding segment `text`, if cached (counted as a hit or a miss).
     pub(crate) fn lookup(&mut self, text: &str, at_start: bool) -> Option<u32> {
         if self.config.max_entries == 0 {
             self.stats.misses += 1;
             return None;
         }
-        let hash = segment_hash(text, at_start);
+        let kind = Kind::segment(at_start);
+        self.find(segment_hash(text, kind), kind, |stored| same_text(stored, text))
+    }
+
+    /// The slot holding the chunk whose text is `parts` written out, if cached (counted as a hit
+    /// or a miss); the text is read twice (hash, compare), never copied.
+    pub(crate) fn lookup_chunk(&mut self, parts: &[Cow<'_, str>]) -> Option<u32> {
+        if self.config.max_entries == 0 {
+            self.stats.misses += 1;
+            return None;
+        }
+        self.find(parts_hash(parts, Kind::Chunk), Kind::Chunk, |stored| same_parts(stored, parts))
+    }
+
+    fn find(&mut self, hash: u64, kind: Kind, same: impl Fn(&str) -> bool) -> Option<u32> {
         let slots = &self.slots;
         let found = self
             .table
             .find(hash, |&i| {
                 let slot = &slots[i as usize];
-                slot.hash == hash
-                    && slot.entry.as_ref().is_some_and(|e| e.at_start == at_start && same_text(&e.text, text))
+                slot.hash == hash && slot.entry.as_ref().is_some_and(|e| e.kind == kind && same(&e.text))
             })
             .copied();
         let Some(i) = found else {
@@ -249,10 +312,19 @@ impl SegmentCache {
         self.stats.bytes = self.stats.bytes - old + entry.bytes();
     }
 
-    /// Caches the ids of `text` and its prior estimate, evicting as needed, and returns its slot;
-    /// a segment that alone exceeds a quarter of the byte budget is not cached. The caller has
-    /// just missed on `text`.
+    /// Caches the ids of segment `text` and its prior estimate, evicting as needed, and returns
+    /// its slot; a segment that alone exceeds a quarter of the byte budget is not cached. The
+    /// caller has just missed on `text`.
     pub(crate) fn insert(&mut self, text: &str, at_start: bool, ids: &[TokenId], prior: f32) -> Option<u32> {
+        self.insert_kind(text, Kind::segment(at_start), ids, prior)
+    }
+
+    /// [`SegmentCache::insert`] for a chunk of a laid-out chat, given written out.
+    pub(crate) fn insert_chunk(&mut self, text: &str, ids: &[TokenId], prior: f32) -> Option<u32> {
+        self.insert_kind(text, Kind::Chunk, ids, prior)
+    }
+
+    fn insert_kind(&mut self, text: &str, kind: Kind, ids: &[TokenId], prior: f32) -> Option<u32> {
         if self.config.max_entries == 0 {
             return None;
         }
@@ -268,8 +340,8 @@ impl SegmentCache {
                 return None;
             }
         }
-        let hash = segment_hash(text, at_start);
-        let entry = Entry { text: text.into(), ids: ids.into(), prior, at_start, memo: None };
+        let hash = segment_hash(text, kind);
+        let entry = Entry { text: text.into(), ids: ids.into(), prior, kind, memo: None };
         // Slot indices are u32: max_entries beyond that is not a cache size anyone configures.
         let index = match self.free.pop() {
             Some(i) => i,
@@ -348,6 +420,35 @@ mod tests {
                 assert!(!same_text(&a, &b), "length {len}, differs at {at}");
             }
         }
+    }
+
+    #[test]
+    fn a_chunk_is_found_by_its_parts_and_apart_from_segments() {
+        let mut cache = SegmentCache::new(SegmentCacheConfig::default());
+        let text = "<|im_start|>user\nHello, world<|im_end|>\n";
+        let parts: Vec<Cow<'_, str>> =
+            ["<|im_start|>", "user", "\n", "Hello, world", "<|im_end|>\n"].map(Cow::Borrowed).into();
+        // Streamed over the parts, the hash is the one-shot hash of the text.
+        assert_eq!(parts_hash(&parts, Kind::Chunk), segment_hash(text, Kind::Chunk));
+        assert_eq!(cache.lookup_chunk(&parts), None);
+        cache.insert_chunk(text, &[1, 2, 3], 4.5);
+        let slot = cache.lookup_chunk(&parts).expect("the chunk is cached");
+        assert_eq!(
+            cache.entry(slot).map(|(ids, prior, _)| (ids.to_vec(), prior)),
+            Some((vec![1, 2, 3], 4.5))
+        );
+        // The same text cut elsewhere is the same chunk; other text, or the text as a segment, is not.
+        let recut: Vec<Cow<'_, str>> = [&text[..5], &text[5..20], &text[20..]].map(Cow::Borrowed).into();
+        assert!(cache.lookup_chunk(&recut).is_some());
+        let other: Vec<Cow<'_, str>> = [&text[..5], "X", &text[6..]].map(Cow::Borrowed).into();
+        assert!(cache.lookup_chunk(&other).is_none());
+        let short: Vec<Cow<'_, str>> = [&text[..text.len() - 1]].map(Cow::Borrowed).into();
+        assert!(cache.lookup_chunk(&short).is_none());
+        assert!(cache.lookup(text, false).is_none());
+        cache.insert(text, false, &[9], 1.0);
+        assert_eq!(cache.get(text, false), Some((&[9][..], 1.0)));
+        let slot = cache.lookup_chunk(&parts).expect("still cached");
+        assert_eq!(cache.entry(slot).map(|e| e.0.len()), Some(3));
     }
 
     /// The ids of a cached segment.

@@ -6,12 +6,14 @@ use super::cache::{ChainMemo, SegmentCache, SegmentCacheConfig, SegmentCacheStat
 use super::engine::{Engine, Piece, Progress, Scratch};
 use super::{TokenizeError, Tokenizer, estimate};
 use crate::hash::{BlockHash, BlockHasher, BlockSalt, TokenId};
+use crate::template::ChatLayout;
 
 /// How far [`encode_pieces`] got.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Outcome {
-    /// The whole text is encoded.
-    Complete,
+    /// The whole text is encoded; `prior` is its [`estimate::prior`], each added token counted
+    /// as one.
+    Complete { prior: f32 },
     /// The check asked to stop; the text from byte `rest` on was not encoded. `exact_prior` is
     /// the [`estimate::prior`] of the text before `rest`, each added token in it counted as one:
     /// summed piece by piece, with cached segments' priors from the cache, so text that hit the
@@ -62,6 +64,11 @@ struct Walker<'a, H> {
     pending: &'a mut Vec<TokenId>,
     /// The pending ids where the current segment began (a memo's key).
     segment_pending: &'a mut Vec<TokenId>,
+    /// The pending ids where the current chunk of a laid-out chat began (its memo's key).
+    chunk_pending: &'a mut Vec<TokenId>,
+    /// While `recording`, every id fed is also appended here (a chunk's ids, to cache).
+    recorded: &'a mut Vec<TokenId>,
+    recording: bool,
     hashes: &'a mut Vec<BlockHash>,
     /// Tokens fed so far.
     count: usize,
@@ -72,6 +79,9 @@ struct Walker<'a, H> {
 impl<H: FnMut(BlockHash) -> bool> Walker<'_, H> {
     /// Feeds ids; `false` once a block is not held (ids after it are counted, not hashed).
     fn push(&mut self, ids: &[TokenId]) -> bool {
+        if self.recording {
+            self.recorded.extend_from_slice(ids);
+        }
         self.count += ids.len();
         if self.missed {
             return false;
@@ -118,6 +128,9 @@ impl<H: FnMut(BlockHash) -> bool> Walker<'_, H> {
             let go_on = self.push(ids);
             return (go_on, self.memo(ids.len()).map_or(MemoUse::None, MemoUse::New));
         };
+        if self.recording {
+            self.recorded.extend_from_slice(ids);
+        }
         self.count += ids.len();
         if self.missed {
             return (false, MemoUse::None);
@@ -141,11 +154,29 @@ impl<H: FnMut(BlockHash) -> bool> Walker<'_, H> {
         self.segment_pending.extend_from_slice(self.pending);
     }
 
+    /// Marks where a chunk begins, for [`Walker::chunk_memo`], and records its ids from here on.
+    fn begin_chunk(&mut self) {
+        self.chunk_pending.clear();
+        self.chunk_pending.extend_from_slice(self.pending);
+        self.recorded.clear();
+        self.recording = true;
+    }
+
     /// The memo of the segment of `len` ids just fed after [`Walker::begin_segment`], if it is
     /// worth keeping: the walk went through it, and it completed enough blocks.
     fn memo(&self, len: usize) -> Option<ChainMemo> {
+        self.memo_after(self.segment_pending, len)
+    }
+
+    /// [`Walker::memo`] of the chunk recorded since [`Walker::begin_chunk`].
+    fn chunk_memo(&self) -> Option<ChainMemo> {
+        self.memo_after(self.chunk_pending, self.recorded.len())
+    }
+
+    /// The memo of `len` ids just fed after `pending` ids were waiting for a block.
+    fn memo_after(&self, pending: &[TokenId], len: usize) -> Option<ChainMemo> {
         let size = self.hasher.block_size();
-        let blocks = (self.segment_pending.len() + len) / size;
+        let blocks = (pending.len() + len) / size;
         if self.missed || blocks < MEMO_MIN_BLOCKS {
             return None;
         }
@@ -156,7 +187,7 @@ impl<H: FnMut(BlockHash) -> bool> Walker<'_, H> {
             block_size: size,
             salt: self.hasher.salt(),
             parent,
-            pending: self.segment_pending.as_slice().into(),
+            pending: pending.into(),
             hashes: hashes.into(),
         })
     }
@@ -173,12 +204,36 @@ pub struct Encoder {
     segment: Vec<TokenId>,
     /// The ids pending where a walk's current segment began.
     memo_key: Vec<TokenId>,
+    /// The ids pending where a walk's current chunk began.
+    chunk_memo_key: Vec<TokenId>,
+    /// A chunk's ids as a walk's cache miss produced them.
+    chunk_ids: Vec<TokenId>,
+    /// A chunk written out (a walk's cache miss), or the rest of a laid-out chat (early exit).
+    text: String,
+    /// Whether a turn token bounds chunks with this tokenizer, by token ([`clean_boundary`]).
+    boundaries: Vec<(&'static str, bool)>,
     hashes: Vec<BlockHash>,
 }
 
 impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Encoder").field("cache", &self.cache.stats()).finish_non_exhaustive()
+    }
+}
+
+/// What a block walk reads: text, or a chat laid out in chunks.
+#[derive(Clone, Copy)]
+enum Source<'s> {
+    Text(&'s str),
+    Layout(&'s ChatLayout<'s>),
+}
+
+impl Source<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Source::Text(text) => text.len(),
+            Source::Layout(layout) => layout.len(),
+        }
     }
 }
 
@@ -193,6 +248,10 @@ impl Encoder {
             tokens: Vec::new(),
             segment: Vec::new(),
             memo_key: Vec::new(),
+            chunk_memo_key: Vec::new(),
+            chunk_ids: Vec::new(),
+            text: String::new(),
+            boundaries: Vec::new(),
             hashes: Vec::new(),
         }
     }
@@ -254,7 +313,65 @@ impl Encoder {
         salt: BlockSalt,
         held: impl FnMut(BlockHash) -> bool,
     ) -> Result<BlockWalk<'_>, TokenizeError> {
-        let Encoder { tokenizer, scratch, cache, tokens, segment, memo_key, hashes } = self;
+        self.walk(Source::Text(text), add_special_tokens, block_size, salt, held)
+    }
+
+    /// [`Encoder::walk_blocks`] over a chat laid out by a native renderer, without writing it out:
+    /// each chunk (a turn) is looked up in the segment cache by its text, read in place, and its
+    /// ids and block hashes come from there; only a chunk seen for the first time is written out
+    /// and tokenized. The same result as walking [`ChatLayout::text`] (the exact part; where the
+    /// walk stops early, it stops at a chunk's end rather than a segment's, so the estimated rest
+    /// may differ by the few tokens in between).
+    ///
+    /// Where the layout's turn token is not an added token that bounds chunks cleanly with this
+    /// tokenizer (checked once per token: matched on raw text, stripping nothing around it), the
+    /// text is written out and walked as [`Encoder::walk_blocks`] does.
+    pub fn walk_layout(
+        &mut self,
+        layout: &ChatLayout<'_>,
+        add_special_tokens: bool,
+        block_size: usize,
+        salt: BlockSalt,
+        held: impl FnMut(BlockHash) -> bool,
+    ) -> Result<BlockWalk<'_>, TokenizeError> {
+        if !self.chunks_hold(layout.boundary()) {
+            let text = layout.text();
+            return self.walk(Source::Text(&text), add_special_tokens, block_size, salt, held);
+        }
+        self.walk(Source::Layout(layout), add_special_tokens, block_size, salt, held)
+    }
+
+    /// Whether chunks starting with `boundary` tokenize on their own with this tokenizer.
+    fn chunks_hold(&mut self, boundary: &'static str) -> bool {
+        if let Some(&(_, clean)) = self.boundaries.iter().find(|(b, _)| *b == boundary) {
+            return clean;
+        }
+        let clean = clean_boundary(&self.tokenizer.inner.engine, boundary, &mut self.scratch);
+        self.boundaries.push((boundary, clean));
+        clean
+    }
+
+    fn walk(
+        &mut self,
+        source: Source<'_>,
+        add_special_tokens: bool,
+        block_size: usize,
+        salt: BlockSalt,
+        held: impl FnMut(BlockHash) -> bool,
+    ) -> Result<BlockWalk<'_>, TokenizeError> {
+        let Encoder {
+            tokenizer,
+            scratch,
+            cache,
+            tokens,
+            segment,
+            memo_key,
+            chunk_memo_key,
+            chunk_ids,
+            text: chunk_text,
+            hashes,
+            ..
+        } = self;
         let inner = &*tokenizer.inner;
         tokens.clear();
         hashes.clear();
@@ -262,6 +379,9 @@ impl Encoder {
             hasher: BlockHasher::new(block_size, salt),
             pending: tokens,
             segment_pending: memo_key,
+            chunk_pending: chunk_memo_key,
+            recorded: chunk_ids,
+            recording: false,
             hashes,
             count: 0,
             missed: false,
@@ -269,25 +389,41 @@ impl Encoder {
         };
         let (prefix, suffix): (&[TokenId], &[TokenId]) =
             if add_special_tokens { (&inner.prompt_prefix, &inner.prompt_suffix) } else { (&[], &[]) };
-        let outcome = if walk.push(prefix) {
-            // One pre-token gives at least one id, so `block_size` of them complete a block: the
-            // model runs at most about a block past the first miss.
-            walk_pieces(&inner.engine, text, scratch, cache, segment, block_size.max(1), &mut walk)?
-        } else {
+        // One pre-token gives at least one id, so `block_size` of them complete a block: the
+        // model runs at most about a block past the first miss.
+        let batch = block_size.max(1);
+        let outcome = if !walk.push(prefix) {
             Outcome::Stopped { rest: 0, exact_prior: 0.0 }
+        } else {
+            match source {
+                Source::Text(text) => {
+                    walk_pieces(&inner.engine, text, 0, scratch, cache, true, segment, batch, &mut walk)?
+                }
+                Source::Layout(layout) => {
+                    walk_chunks(&inner.engine, layout, scratch, cache, segment, chunk_text, batch, &mut walk)?
+                }
+            }
         };
         let (exact, total_tokens) = match outcome {
             // Stopped on the text's last ids: nothing is left to estimate.
-            Outcome::Stopped { rest, .. } if rest >= text.len() => {
+            Outcome::Stopped { rest, .. } if rest >= source.len() => {
                 walk.count += suffix.len();
                 (true, walk.count)
             }
-            Outcome::Complete => {
+            Outcome::Complete { .. } => {
                 walk.push(suffix);
                 (true, walk.count)
             }
             Outcome::Stopped { rest, exact_prior } => {
-                let left = text.get(rest..).unwrap_or("");
+                let left = match source {
+                    Source::Text(text) => text.get(rest..).unwrap_or(""),
+                    Source::Layout(layout) => {
+                        // Early exit on a chat seen for the first time: only now is the rest written.
+                        chunk_text.clear();
+                        layout.write_from(rest, chunk_text);
+                        chunk_text.as_str()
+                    }
+                };
                 let text_tokens = walk.count - prefix.len();
                 let estimate = estimate::remaining_tokens(&inner.engine, exact_prior, text_tokens, left);
                 (false, walk.count + estimate + suffix.len())
@@ -300,13 +436,37 @@ impl Encoder {
     }
 }
 
+/// Whether `token` bounds chunks of a laid-out chat cleanly: an added token matched on the raw
+/// text (not after normalization) that takes nothing from either side, so that the ids of
+/// `a + token + b` are always those of `a`, the token's and those of `b`. Checked on texts that
+/// would show a token stripping the whitespace around it (`lstrip`, `rstrip`) or matching only as
+/// a single word.
+fn clean_boundary(engine: &Engine, token: &str, scratch: &mut Scratch) -> bool {
+    let mut pieces = engine.pieces(token);
+    let (Some(Piece::Added { id, .. }), None) = (pieces.next(), pieces.next()) else { return false };
+    let encode = |text: &str, scratch: &mut Scratch| {
+        let mut ids = Vec::new();
+        encode_uncached(engine, text, scratch, &mut ids).ok().map(|()| ids)
+    };
+    [(" \n", "\n "), ("a", "a"), ("\t", "  x")].iter().all(|&(a, b)| {
+        let whole = encode(&format!("{a}{token}{b}"), scratch);
+        let apart = encode(a, scratch).zip(encode(b, scratch)).map(|(a, b)| [&a[..], &[id], &b[..]].concat());
+        whole.is_some() && whole == apart
+    })
+}
+
 /// [`Encoder::walk_blocks`]'s loop: `text` split at added tokens, each text segment's ids from
-/// the cache (with its chain memo) or the model, fed to `walk` until it stops.
+/// the cache (with its chain memo) or the model, fed to `walk` until it stops. `base` is where
+/// `text` starts in its prompt (only a segment at the prompt's start is cached apart). With
+/// `insert` false, segments the model encodes are not cached (they are part of a chunk that is).
+#[allow(clippy::too_many_arguments)]
 fn walk_pieces<H: FnMut(BlockHash) -> bool>(
     engine: &Engine,
     text: &str,
+    base: usize,
     scratch: &mut Scratch,
     cache: &mut SegmentCache,
+    insert: bool,
     segment_ids: &mut Vec<TokenId>,
     batch: usize,
     walk: &mut Walker<'_, H>,
@@ -325,7 +485,7 @@ fn walk_pieces<H: FnMut(BlockHash) -> bool>(
             Piece::Text { text, start } => (text, start),
         };
         let end = start + segment.len();
-        let at_start = start == 0;
+        let at_start = base + start == 0;
         let hit = cache.lookup(segment, at_start).and_then(|slot| Some((slot, cache.entry(slot)?)));
         if let Some((slot, (ids, prior, memo))) = hit {
             exact_prior += prior;
@@ -350,7 +510,8 @@ fn walk_pieces<H: FnMut(BlockHash) -> bool>(
             Progress::Complete => {
                 let prior = estimate::prior(segment);
                 exact_prior += prior;
-                if let Some(slot) = cache.insert(segment, at_start, segment_ids, prior)
+                if insert
+                    && let Some(slot) = cache.insert(segment, at_start, segment_ids, prior)
                     && let Some(memo) = walk.memo(segment_ids.len())
                 {
                     cache.set_memo(slot, memo);
@@ -362,7 +523,66 @@ fn walk_pieces<H: FnMut(BlockHash) -> bool>(
             }
         }
     }
-    Ok(Outcome::Complete)
+    Ok(Outcome::Complete { prior: exact_prior })
+}
+
+/// [`Encoder::walk_layout`]'s loop: each chunk's ids (and, where its chain memo fits, block
+/// hashes) from the segment cache, found by the chunk's text read in place; a chunk not there is
+/// written out into `chunk_text`, walked as text, and cached whole. Offsets in the outcome are in
+/// the written-out prompt.
+#[allow(clippy::too_many_arguments)]
+fn walk_chunks<H: FnMut(BlockHash) -> bool>(
+    engine: &Engine,
+    layout: &ChatLayout<'_>,
+    scratch: &mut Scratch,
+    cache: &mut SegmentCache,
+    segment_ids: &mut Vec<TokenId>,
+    chunk_text: &mut String,
+    batch: usize,
+    walk: &mut Walker<'_, H>,
+) -> Result<Outcome, TokenizeError> {
+    let mut exact_prior = 0.0;
+    let mut start = 0;
+    for parts in layout.chunks() {
+        let end = start + parts.iter().map(|p| p.len()).sum::<usize>();
+        let hit = cache.lookup_chunk(parts).and_then(|slot| Some((slot, cache.entry(slot)?)));
+        if let Some((slot, (ids, prior, memo))) = hit {
+            exact_prior += prior;
+            let (go_on, memo) = walk.push_cached(ids, memo);
+            match memo {
+                MemoUse::Replayed => cache.count_replay(),
+                MemoUse::New(memo) => cache.set_memo(slot, memo),
+                MemoUse::None => {}
+            }
+            if !go_on {
+                return Ok(Outcome::Stopped { rest: end, exact_prior });
+            }
+            start = end;
+            continue;
+        }
+        chunk_text.clear();
+        for part in parts {
+            chunk_text.push_str(part);
+        }
+        walk.begin_chunk();
+        let outcome = walk_pieces(engine, chunk_text, start, scratch, cache, false, segment_ids, batch, walk);
+        walk.recording = false;
+        match outcome? {
+            Outcome::Complete { prior } => {
+                exact_prior += prior;
+                if let Some(slot) = cache.insert_chunk(chunk_text, walk.recorded, prior)
+                    && let Some(memo) = walk.chunk_memo()
+                {
+                    cache.set_memo(slot, memo);
+                }
+            }
+            Outcome::Stopped { rest, exact_prior: within } => {
+                return Ok(Outcome::Stopped { rest: start + rest, exact_prior: exact_prior + within });
+            }
+        }
+        start = end;
+    }
+    Ok(Outcome::Complete { prior: exact_prior })
 }
 
 /// Encodes `text` without a segment cache, appending to `out` (the convenience path).
@@ -432,5 +652,65 @@ fn encode_pieces(
             }
         }
     }
-    Ok(Outcome::Complete)
+    Ok(Outcome::Complete { prior: exact_prior })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A byte-level BPE whose vocabulary is the 256 byte symbols and nothing else (every text
+    /// encodes, one id per byte), with added tokens of every kind of flag.
+    fn tokenizer_with_added_tokens() -> Engine {
+        // GPT-2's byte-to-symbol map: printable bytes stand for themselves, the rest are shifted.
+        let mut vocab = serde_json::Map::new();
+        let mut shifted = 0;
+        for byte in 0u32..256 {
+            let printable = (33..=126).contains(&byte) || (161..=172).contains(&byte) || byte >= 174;
+            let symbol = if printable {
+                byte
+            } else {
+                shifted += 1;
+                255 + shifted
+            };
+            let symbol = char::from_u32(symbol).expect("a byte symbol").to_string();
+            vocab.insert(symbol, serde_json::Value::from(byte));
+        }
+        let added = |id: u32, content: &str, lstrip: bool, single_word: bool, normalized: bool| {
+            serde_json::json!({"id": id, "content": content, "single_word": single_word, "lstrip": lstrip,
+                               "rstrip": false, "normalized": normalized, "special": true})
+        };
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [
+                added(256, "<turn>", false, false, false),
+                added(257, "<lstrip>", true, false, false),
+                added(258, "<word>", false, true, false),
+                added(259, "<normalized>", false, false, true),
+            ],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": []}
+        });
+        Engine::from_json(&json.to_string()).expect("the test tokenizer loads")
+    }
+
+    #[test]
+    fn only_a_plain_added_token_bounds_chunks() {
+        let engine = tokenizer_with_added_tokens();
+        let mut scratch = engine.scratch();
+        assert!(clean_boundary(&engine, "<turn>", &mut scratch));
+        // Takes the whitespace before it from the previous chunk.
+        assert!(!clean_boundary(&engine, "<lstrip>", &mut scratch));
+        // Matched only between non-word characters, which the previous chunk decides.
+        assert!(!clean_boundary(&engine, "<word>", &mut scratch));
+        // Matched after normalization, inside a text segment that spans the boundary.
+        assert!(!clean_boundary(&engine, "<normalized>", &mut scratch));
+        // Not an added token at all.
+        assert!(!clean_boundary(&engine, "<other>", &mut scratch));
+        assert!(!clean_boundary(&engine, "", &mut scratch));
+    }
 }
