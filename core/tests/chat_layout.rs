@@ -59,8 +59,32 @@ impl Conversation {
             2 => body["add_special_tokens"] = true.into(),
             _ => {}
         }
-        body.to_string()
+        // Clients escape differently: serde_json writes UTF-8 and short escapes; Python's
+        // `json.dumps` writes every non-ASCII character as `\u` escapes; some escape `/`.
+        match rng.below(4) {
+            0 => ascii_only(&body.to_string()),
+            1 => body.to_string().replace('/', "\\/"),
+            _ => body.to_string(),
+        }
     }
+}
+
+/// JSON with every non-ASCII character written as `\u` escapes (UTF-16 units), as Python's
+/// `json.dumps` writes it by default. Outside strings JSON is ASCII, so every such character is
+/// in a string.
+fn ascii_only(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
 }
 
 /// Message content: corpus text (whitespace, special-token strings, every script), sometimes as

@@ -429,7 +429,7 @@ enum PromptInput<'a> {
 
 impl<'a> PromptInput<'a> {
     /// The prompt as text to walk, or `None` for token ids.
-    fn text(&self) -> Option<TextInput<'_>> {
+    fn text(&self) -> Option<TextInput<'_, 'a>> {
         match self {
             PromptInput::Text { text, add_special_tokens } => {
                 Some(TextInput::Text(text, *add_special_tokens))
@@ -451,12 +451,12 @@ impl<'a> PromptInput<'a> {
 }
 
 /// A text prompt, written out or laid out, with whether the tokenizer adds its special tokens.
-enum TextInput<'i> {
+enum TextInput<'i, 'r> {
     Text(&'i str, bool),
-    Layout(&'i ChatLayout<'i>, bool),
+    Layout(&'i ChatLayout<'r>, bool),
 }
 
-impl TextInput<'_> {
+impl TextInput<'_, '_> {
     /// Tokenizes and hashes the prompt block by block through `encoder`, until `held` says no.
     fn walk<'e>(
         &self,

@@ -29,7 +29,7 @@ use crate::request::{ChatMessage, ChatRequest, ContentPart, MessageContent};
 
 mod native;
 
-pub use native::{ChatLayout, Native};
+pub use native::{ChatLayout, Native, Part};
 
 /// Name of the one template held by each [`ChatTemplate`]'s environment.
 const TEMPLATE_NAME: &str = "chat";

@@ -12,17 +12,18 @@
 //! which minijinja then renders). `native_matches_minijinja` below compares both paths on thousands
 //! of generated conversations, and `core/tests/template_parity.rs` compares with transformers.
 //!
-//! A native renderer does not write the prompt itself: it lays it out ([`ChatLayout`]) as text
-//! parts borrowed from the request and the template, grouped into chunks that each start at the
+//! A native renderer does not write the prompt itself: it lays it out ([`ChatLayout`]) as parts
+//! borrowed from the request and the template, grouped into chunks that each start at the
 //! template's turn token. Writing the parts in order is the rendered prompt; a tokenizer can
-//! instead look each turn up by its text without writing it (`Encoder::walk_layout`).
+//! instead look each turn up by its key, message text in the JSON form the client sent, without
+//! decoding or writing anything (`Encoder::walk_layout`).
 
 use std::borrow::Cow;
 
 use serde_json::value::RawValue;
 
 use super::SpecialTokens;
-use crate::request::{ChatMessage, ChatRequest, ContentPart, MessageContent};
+use crate::request::{ChatMessage, ChatRequest, ContentPart, JsonText, MessageContent};
 
 /// Qwen3's template (hybrid thinking), as its `tokenizer_config.json` ships it.
 const QWEN3: &str = include_str!("qwen3.jinja");
@@ -97,9 +98,9 @@ impl<'de> serde::Deserialize<'de> for KwargMap<'de> {
 
 /// A message's text as a string-content template sees it: text parts joined with `"\n"`, absent
 /// content as `""`; `None` for media parts. Borrowed unless the content is a list of parts.
-fn text_of<'a>(message: &'a ChatMessage<'_>) -> Option<Cow<'a, str>> {
+fn text_of<'a>(message: &'a ChatMessage<'_>) -> Option<Cow<'a, JsonText<'a>>> {
     match &message.content {
-        None => Some(Cow::Borrowed("")),
+        None => Some(Cow::Owned(JsonText::new(""))),
         Some(MessageContent::Text(text)) => Some(Cow::Borrowed(text)),
         Some(MessageContent::Parts(parts)) => {
             let mut joined = String::new();
@@ -110,20 +111,50 @@ fn text_of<'a>(message: &'a ChatMessage<'_>) -> Option<Cow<'a, str>> {
                 }
                 joined.push_str(text);
             }
-            Some(Cow::Owned(joined))
+            Some(Cow::Owned(JsonText::new(joined)))
         }
     }
 }
 
-/// A chat prompt laid out by a native renderer: its text as parts (template literals and message
-/// text borrowed from the request), grouped into chunks. Every chunk but the first starts with
-/// the template's turn token ([`ChatLayout::boundary`]); where that token is an added token of the
+/// One part of a laid-out prompt.
+#[derive(Clone, Debug)]
+pub enum Part<'r> {
+    /// Text written as it is: template literals, a role.
+    Text(Cow<'r, str>),
+    /// A message's text, keyed by its JSON form and decoded only when written.
+    Message(Cow<'r, JsonText<'r>>),
+}
+
+impl Part<'_> {
+    /// What stands for this part in its chunk's key: text as it is, a message's text in its JSON
+    /// form. A chunk's key (its parts' keys in order) determines its text: message text is the
+    /// only part of a turn that varies freely, and its JSON form holds no line break, which every
+    /// turn has right before it.
+    pub fn key(&self) -> &str {
+        match self {
+            Part::Text(text) => text,
+            Part::Message(text) => text.json(),
+        }
+    }
+
+    /// The text this part writes (a message's, decoded on first use).
+    pub fn text(&self) -> &str {
+        match self {
+            Part::Text(text) => text,
+            Part::Message(text) => text.as_str(),
+        }
+    }
+}
+
+/// A chat prompt laid out by a native renderer: its parts (template literals, roles, message text
+/// borrowed from the request), grouped into chunks. Every chunk but the first starts with the
+/// template's turn token ([`ChatLayout::boundary`]); where that token is an added token of the
 /// model's tokenizer, which nothing around it can merge with or strip into, the prompt's ids are
-/// its chunks' ids concatenated, so a tokenizer may cache ids per chunk text (a system prompt, an
-/// earlier turn) and never needs the whole prompt written out.
+/// its chunks' ids concatenated, so a tokenizer may cache ids per chunk (a system prompt, an
+/// earlier turn), found by its key, and never needs the prompt written out or decoded.
 #[derive(Clone, Debug)]
 pub struct ChatLayout<'r> {
-    parts: Vec<Cow<'r, str>>,
+    parts: Vec<Part<'r>>,
     /// Where each chunk's parts end in `parts`.
     ends: Vec<usize>,
     boundary: &'static str,
@@ -138,8 +169,12 @@ impl<'r> ChatLayout<'r> {
         }
     }
 
-    fn push(&mut self, part: impl Into<Cow<'r, str>>) {
-        self.parts.push(part.into());
+    fn push(&mut self, text: impl Into<Cow<'r, str>>) {
+        self.parts.push(Part::Text(text.into()));
+    }
+
+    fn push_message(&mut self, text: Cow<'r, JsonText<'r>>) {
+        self.parts.push(Part::Message(text));
     }
 
     /// Ends the chunk being pushed (an empty one is not kept).
@@ -154,39 +189,16 @@ impl<'r> ChatLayout<'r> {
         self.boundary
     }
 
-    /// The chunks, each as its text parts in order.
-    pub fn chunks(&self) -> impl Iterator<Item = &[Cow<'r, str>]> + '_ {
+    /// The chunks, each as its parts in order.
+    pub fn chunks(&self) -> impl Iterator<Item = &[Part<'r>]> + '_ {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
         starts.zip(self.ends.iter().copied()).map(|(from, to)| &self.parts[from..to])
     }
 
-    /// Bytes of the rendered prompt.
-    pub fn len(&self) -> usize {
-        self.parts.iter().map(|p| p.len()).sum()
-    }
-
-    /// Whether the rendered prompt is empty (never, for a laid-out chat).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Appends the rendered prompt to `out`.
     pub fn write(&self, out: &mut String) {
-        out.reserve(self.len());
         for part in &self.parts {
-            out.push_str(part);
-        }
-    }
-
-    /// Appends the rendered prompt from its byte `from` on (a char boundary) to `out`.
-    pub fn write_from(&self, from: usize, out: &mut String) {
-        let mut at = 0;
-        for part in &self.parts {
-            let end = at + part.len();
-            if end > from {
-                out.push_str(part.get(from.saturating_sub(at)..).unwrap_or_default());
-            }
-            at = end;
+            out.push_str(part.text());
         }
     }
 
@@ -268,8 +280,9 @@ fn qwen3<'r>(
             return None;
         }
         let text = text_of(m)?;
-        // The template splits reasoning out of an assistant turn at `</think>`.
-        if m.role == "assistant" && memchr::memmem::find(text.as_bytes(), b"</think>").is_some() {
+        // The template splits reasoning out of an assistant turn at `</think>` (ruled out from
+        // the JSON form when it can be: it is almost never there).
+        if m.role == "assistant" && text.may_contain("think>") && text.contains("</think>") {
             return None;
         }
         texts.push(text);
@@ -280,7 +293,10 @@ fn qwen3<'r>(
     for (i, m) in messages.iter().enumerate().rev() {
         if m.role == "user" {
             let text = &texts[i];
-            if !(text.starts_with("<tool_response>") && text.ends_with("</tool_response>")) {
+            let wrapped = text.may_contain("tool_response>")
+                && text.starts_with("<tool_response>")
+                && text.ends_with("</tool_response>");
+            if !wrapped {
                 last_query = i;
                 break;
             }
@@ -292,13 +308,15 @@ fn qwen3<'r>(
         layout.push(m.role.as_ref());
         if m.role == "assistant" && i > last_query && i == last {
             layout.push("\n<think>\n\n</think>\n\n");
-            layout.push(match text {
-                Cow::Borrowed(t) => Cow::Borrowed(t.trim_start_matches('\n')),
-                Cow::Owned(t) => Cow::Owned(t.trim_start_matches('\n').to_owned()),
-            });
+            let trimmed = text.trim_start_matches('\n');
+            if trimmed.len() == text.len() {
+                layout.push_message(text);
+            } else {
+                layout.push_message(Cow::Owned(JsonText::new(trimmed.to_owned())));
+            }
         } else {
             layout.push("\n");
-            layout.push(text);
+            layout.push_message(text);
         }
         layout.push("<|im_end|>\n");
         layout.end_chunk();
@@ -325,14 +343,13 @@ fn llama3<'r>(
     layout.push(bos);
     layout.end_chunk();
     for m in messages {
-        let text = match text_of(m)? {
-            Cow::Borrowed(t) => Cow::Borrowed(t.trim()),
-            Cow::Owned(t) => Cow::Owned(t.trim().to_owned()),
-        };
+        let text = text_of(m)?;
+        // Trimmed from the JSON form's ends when it can be seen there that nothing goes.
+        let text = if text.is_trimmed() { text } else { Cow::Owned(JsonText::new(text.trim().to_owned())) };
         layout.push("<|start_header_id|>");
         layout.push(m.role.as_ref());
         layout.push("<|end_header_id|>\n\n");
-        layout.push(text);
+        layout.push_message(text);
         layout.push("<|eot_id|>");
         layout.end_chunk();
     }
@@ -405,7 +422,20 @@ mod tests {
             }
             _ => {}
         }
-        body.to_string()
+        // Clients escape differently: `/` as `\/`, or every non-ASCII character as `\u` escapes
+        // (Python's `json.dumps`); the native renderer reads message text in its JSON form.
+        let json = body.to_string();
+        match rng.next_u64() % 4 {
+            0 => json.replace('/', "\\/"),
+            1 => json
+                .chars()
+                .map(|c| match c {
+                    c if c.is_ascii() => c.to_string(),
+                    c => c.encode_utf16(&mut [0; 2]).iter().map(|u| format!("\\u{u:04x}")).collect(),
+                })
+                .collect(),
+            _ => json,
+        }
     }
 
     #[test]
@@ -438,10 +468,9 @@ mod tests {
                 let specials = specials();
                 let Some(layout) = native.layout(&request, None, &specials) else { continue };
                 laid_out += 1;
-                let text = layout.text();
                 let mut chunks = 0;
                 for (i, chunk) in layout.chunks().enumerate() {
-                    let chunk: String = chunk.iter().map(|p| p.as_ref()).collect();
+                    let chunk: String = chunk.iter().map(Part::text).collect();
                     assert!(
                         i == 0 || chunk.starts_with(layout.boundary()),
                         "{native:?}, chunk {i}: {chunk:?}"
@@ -449,12 +478,6 @@ mod tests {
                     chunks += 1;
                 }
                 assert!(chunks > request.messages.len() - usize::from(native == Native::Qwen3), "{body}");
-                assert_eq!(layout.len(), text.len());
-                for from in (0..=text.len()).filter(|&at| text.is_char_boundary(at)).step_by(7) {
-                    let mut rest = String::new();
-                    layout.write_from(from, &mut rest);
-                    assert_eq!(rest, text[from..], "{native:?} from {from}");
-                }
             }
         }
         assert!(laid_out > 300, "{laid_out}");

@@ -13,14 +13,12 @@
 //!
 //! A laid-out chat ([`crate::template::ChatLayout`]) is cached per chunk the same way: a chunk
 //! starts at an added token that nothing merges across, so its ids never depend on what is around
-//! it, and it is found by its text without the text being written out (hashed and compared part by
-//! part). Chunks are kept apart from segments (a key of their own).
+//! it, and it is found by its key (its text, message text in JSON form) without anything being
+//! written out (hashed and compared part by part). Chunks are kept apart from segments.
 //!
 //! Bounded by bytes and entries, evicting with CLOCK (second chance): a hit sets the entry's
 //! referenced bit, the hand clears it on its first pass and evicts on the second. The segment text
 //! is stored and compared on every hit, so a hash collision can only cost a miss, never wrong ids.
-
-use std::borrow::Cow;
 
 use hashbrown::HashTable;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed};
@@ -204,7 +202,7 @@ fn same_text(a: &str, b: &str) -> bool {
 }
 
 /// Whether `text` is `parts` written out, compared part by part.
-fn same_parts(text: &str, parts: &[Cow<'_, str>]) -> bool {
+fn same_parts<'p>(text: &str, parts: impl Iterator<Item = &'p str>) -> bool {
     let mut rest = text;
     for part in parts {
         let Some(here) = rest.get(..part.len()) else { return false };
@@ -221,7 +219,7 @@ fn segment_hash(text: &str, kind: Kind) -> u64 {
 }
 
 /// [`segment_hash`] of `parts` written out (XXH3 streamed equals XXH3 at once).
-fn parts_hash(parts: &[Cow<'_, str>], kind: Kind) -> u64 {
+fn parts_hash<'p>(parts: impl Iterator<Item = &'p str>, kind: Kind) -> u64 {
     let mut hasher = Xxh3::with_seed(kind.seed());
     for part in parts {
         hasher.update(part.as_bytes());
@@ -263,14 +261,15 @@ impl SegmentCache {
         self.find(segment_hash(text, kind), kind, |stored| same_text(stored, text))
     }
 
-    /// The slot holding the chunk whose text is `parts` written out, if cached (counted as a hit
-    /// or a miss); the text is read twice (hash, compare), never copied.
-    pub(crate) fn lookup_chunk(&mut self, parts: &[Cow<'_, str>]) -> Option<u32> {
+    /// The slot holding the chunk whose key is `parts` written out, if cached (counted as a hit
+    /// or a miss); the key is read twice (hash, compare), never copied.
+    pub(crate) fn lookup_chunk<'p>(&mut self, parts: impl Iterator<Item = &'p str> + Clone) -> Option<u32> {
         if self.config.max_entries == 0 {
             self.stats.misses += 1;
             return None;
         }
-        self.find(parts_hash(parts, Kind::Chunk), Kind::Chunk, |stored| same_parts(stored, parts))
+        let hash = parts_hash(parts.clone(), Kind::Chunk);
+        self.find(hash, Kind::Chunk, |stored| same_parts(stored, parts.clone()))
     }
 
     fn find(&mut self, hash: u64, kind: Kind, same: impl Fn(&str) -> bool) -> Option<u32> {
@@ -319,9 +318,9 @@ impl SegmentCache {
         self.insert_kind(text, Kind::segment(at_start), ids, prior)
     }
 
-    /// [`SegmentCache::insert`] for a chunk of a laid-out chat, given written out.
-    pub(crate) fn insert_chunk(&mut self, text: &str, ids: &[TokenId], prior: f32) -> Option<u32> {
-        self.insert_kind(text, Kind::Chunk, ids, prior)
+    /// [`SegmentCache::insert`] for a chunk of a laid-out chat, by its key written out.
+    pub(crate) fn insert_chunk(&mut self, key: &str, ids: &[TokenId], prior: f32) -> Option<u32> {
+        self.insert_kind(key, Kind::Chunk, ids, prior)
     }
 
     fn insert_kind(&mut self, text: &str, kind: Kind, ids: &[TokenId], prior: f32) -> Option<u32> {
@@ -426,28 +425,24 @@ mod tests {
     fn a_chunk_is_found_by_its_parts_and_apart_from_segments() {
         let mut cache = SegmentCache::new(SegmentCacheConfig::default());
         let text = "<|im_start|>user\nHello, world<|im_end|>\n";
-        let parts: Vec<Cow<'_, str>> =
-            ["<|im_start|>", "user", "\n", "Hello, world", "<|im_end|>\n"].map(Cow::Borrowed).into();
+        let parts = ["<|im_start|>", "user", "\n", "Hello, world", "<|im_end|>\n"];
         // Streamed over the parts, the hash is the one-shot hash of the text.
-        assert_eq!(parts_hash(&parts, Kind::Chunk), segment_hash(text, Kind::Chunk));
-        assert_eq!(cache.lookup_chunk(&parts), None);
+        assert_eq!(parts_hash(parts.into_iter(), Kind::Chunk), segment_hash(text, Kind::Chunk));
+        assert_eq!(cache.lookup_chunk(parts.into_iter()), None);
         cache.insert_chunk(text, &[1, 2, 3], 4.5);
-        let slot = cache.lookup_chunk(&parts).expect("the chunk is cached");
+        let slot = cache.lookup_chunk(parts.into_iter()).expect("the chunk is cached");
         assert_eq!(
             cache.entry(slot).map(|(ids, prior, _)| (ids.to_vec(), prior)),
             Some((vec![1, 2, 3], 4.5))
         );
         // The same text cut elsewhere is the same chunk; other text, or the text as a segment, is not.
-        let recut: Vec<Cow<'_, str>> = [&text[..5], &text[5..20], &text[20..]].map(Cow::Borrowed).into();
-        assert!(cache.lookup_chunk(&recut).is_some());
-        let other: Vec<Cow<'_, str>> = [&text[..5], "X", &text[6..]].map(Cow::Borrowed).into();
-        assert!(cache.lookup_chunk(&other).is_none());
-        let short: Vec<Cow<'_, str>> = [&text[..text.len() - 1]].map(Cow::Borrowed).into();
-        assert!(cache.lookup_chunk(&short).is_none());
+        assert!(cache.lookup_chunk([&text[..5], &text[5..20], &text[20..]].into_iter()).is_some());
+        assert!(cache.lookup_chunk([&text[..5], "X", &text[6..]].into_iter()).is_none());
+        assert!(cache.lookup_chunk([&text[..text.len() - 1]].into_iter()).is_none());
         assert!(cache.lookup(text, false).is_none());
         cache.insert(text, false, &[9], 1.0);
         assert_eq!(cache.get(text, false), Some((&[9][..], 1.0)));
-        let slot = cache.lookup_chunk(&parts).expect("still cached");
+        let slot = cache.lookup_chunk(parts.into_iter()).expect("still cached");
         assert_eq!(cache.entry(slot).map(|e| e.0.len()), Some(3));
     }
 

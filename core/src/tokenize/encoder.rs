@@ -6,7 +6,7 @@ use super::cache::{ChainMemo, SegmentCache, SegmentCacheConfig, SegmentCacheStat
 use super::engine::{Engine, Piece, Progress, Scratch};
 use super::{TokenizeError, Tokenizer, estimate};
 use crate::hash::{BlockHash, BlockHasher, BlockSalt, TokenId};
-use crate::template::ChatLayout;
+use crate::template::{ChatLayout, Part};
 
 /// How far [`encode_pieces`] got.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -210,6 +210,8 @@ pub struct Encoder {
     chunk_ids: Vec<TokenId>,
     /// A chunk written out (a walk's cache miss), or the rest of a laid-out chat (early exit).
     text: String,
+    /// A chunk's key written out (a walk's cache miss).
+    key: String,
     /// Whether a turn token bounds chunks with this tokenizer, by token ([`clean_boundary`]).
     boundaries: Vec<(&'static str, bool)>,
     hashes: Vec<BlockHash>,
@@ -223,18 +225,9 @@ impl std::fmt::Debug for Encoder {
 
 /// What a block walk reads: text, or a chat laid out in chunks.
 #[derive(Clone, Copy)]
-enum Source<'s> {
+enum Source<'s, 'r> {
     Text(&'s str),
-    Layout(&'s ChatLayout<'s>),
-}
-
-impl Source<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Source::Text(text) => text.len(),
-            Source::Layout(layout) => layout.len(),
-        }
-    }
+    Layout(&'s ChatLayout<'r>),
 }
 
 impl Encoder {
@@ -251,6 +244,7 @@ impl Encoder {
             chunk_memo_key: Vec::new(),
             chunk_ids: Vec::new(),
             text: String::new(),
+            key: String::new(),
             boundaries: Vec::new(),
             hashes: Vec::new(),
         }
@@ -353,7 +347,7 @@ impl Encoder {
 
     fn walk(
         &mut self,
-        source: Source<'_>,
+        source: Source<'_, '_>,
         add_special_tokens: bool,
         block_size: usize,
         salt: BlockSalt,
@@ -369,6 +363,7 @@ impl Encoder {
             chunk_memo_key,
             chunk_ids,
             text: chunk_text,
+            key: chunk_key,
             hashes,
             ..
         } = self;
@@ -392,24 +387,26 @@ impl Encoder {
         // One pre-token gives at least one id, so `block_size` of them complete a block: the
         // model runs at most about a block past the first miss.
         let batch = block_size.max(1);
+        // A stopped walk leaves the text it did not read: `text[rest..]`, or for a layout (never
+        // written out whole) `chunk_text[rest..]`, where the walk wrote the rest of it.
         let outcome = if !walk.push(prefix) {
+            if let Source::Layout(layout) = source {
+                chunk_text.clear();
+                layout.write(chunk_text);
+            }
             Outcome::Stopped { rest: 0, exact_prior: 0.0 }
         } else {
             match source {
                 Source::Text(text) => {
-                    walk_pieces(&inner.engine, text, 0, scratch, cache, true, segment, batch, &mut walk)?
+                    walk_pieces(&inner.engine, text, true, scratch, cache, true, segment, batch, &mut walk)?
                 }
                 Source::Layout(layout) => {
-                    walk_chunks(&inner.engine, layout, scratch, cache, segment, chunk_text, batch, &mut walk)?
+                    let buffers = ChunkBuffers { text: chunk_text, key: chunk_key, segment_ids: segment };
+                    walk_chunks(&inner.engine, layout, scratch, cache, buffers, batch, &mut walk)?
                 }
             }
         };
         let (exact, total_tokens) = match outcome {
-            // Stopped on the text's last ids: nothing is left to estimate.
-            Outcome::Stopped { rest, .. } if rest >= source.len() => {
-                walk.count += suffix.len();
-                (true, walk.count)
-            }
             Outcome::Complete { .. } => {
                 walk.push(suffix);
                 (true, walk.count)
@@ -417,16 +414,17 @@ impl Encoder {
             Outcome::Stopped { rest, exact_prior } => {
                 let left = match source {
                     Source::Text(text) => text.get(rest..).unwrap_or(""),
-                    Source::Layout(layout) => {
-                        // Early exit on a chat seen for the first time: only now is the rest written.
-                        chunk_text.clear();
-                        layout.write_from(rest, chunk_text);
-                        chunk_text.as_str()
-                    }
+                    Source::Layout(_) => chunk_text.get(rest..).unwrap_or(""),
                 };
-                let text_tokens = walk.count - prefix.len();
-                let estimate = estimate::remaining_tokens(&inner.engine, exact_prior, text_tokens, left);
-                (false, walk.count + estimate + suffix.len())
+                if left.is_empty() {
+                    // Stopped on the text's last ids: nothing is left to estimate.
+                    walk.count += suffix.len();
+                    (true, walk.count)
+                } else {
+                    let text_tokens = walk.count - prefix.len();
+                    let estimate = estimate::remaining_tokens(&inner.engine, exact_prior, text_tokens, left);
+                    (false, walk.count + estimate + suffix.len())
+                }
             }
         };
         let (exact_tokens, missed) = (walk.count, walk.missed);
@@ -456,14 +454,14 @@ fn clean_boundary(engine: &Engine, token: &str, scratch: &mut Scratch) -> bool {
 }
 
 /// [`Encoder::walk_blocks`]'s loop: `text` split at added tokens, each text segment's ids from
-/// the cache (with its chain memo) or the model, fed to `walk` until it stops. `base` is where
-/// `text` starts in its prompt (only a segment at the prompt's start is cached apart). With
+/// the cache (with its chain memo) or the model, fed to `walk` until it stops. `starts_prompt`
+/// says whether `text` opens its prompt (a segment there is cached apart). With
 /// `insert` false, segments the model encodes are not cached (they are part of a chunk that is).
 #[allow(clippy::too_many_arguments)]
 fn walk_pieces<H: FnMut(BlockHash) -> bool>(
     engine: &Engine,
     text: &str,
-    base: usize,
+    starts_prompt: bool,
     scratch: &mut Scratch,
     cache: &mut SegmentCache,
     insert: bool,
@@ -485,7 +483,7 @@ fn walk_pieces<H: FnMut(BlockHash) -> bool>(
             Piece::Text { text, start } => (text, start),
         };
         let end = start + segment.len();
-        let at_start = base + start == 0;
+        let at_start = starts_prompt && start == 0;
         let hit = cache.lookup(segment, at_start).and_then(|slot| Some((slot, cache.entry(slot)?)));
         if let Some((slot, (ids, prior, memo))) = hit {
             exact_prior += prior;
@@ -526,26 +524,37 @@ fn walk_pieces<H: FnMut(BlockHash) -> bool>(
     Ok(Outcome::Complete { prior: exact_prior })
 }
 
+/// The buffers [`walk_chunks`] writes into: a chunk's text and key when it misses the cache (and
+/// the text the walk leaves when it stops), and a segment's ids.
+struct ChunkBuffers<'b> {
+    text: &'b mut String,
+    key: &'b mut String,
+    segment_ids: &'b mut Vec<TokenId>,
+}
+
 /// [`Encoder::walk_layout`]'s loop: each chunk's ids (and, where its chain memo fits, block
-/// hashes) from the segment cache, found by the chunk's text read in place; a chunk not there is
-/// written out into `chunk_text`, walked as text, and cached whole. Offsets in the outcome are in
-/// the written-out prompt.
-#[allow(clippy::too_many_arguments)]
+/// hashes) from the segment cache, found by the chunk's key read in place; a chunk not there is
+/// written out, walked as text, and cached whole under its key. When the walk stops, the text it
+/// did not read is `buffers.text[rest..]` (only then is the rest of the chat written out).
 fn walk_chunks<H: FnMut(BlockHash) -> bool>(
     engine: &Engine,
     layout: &ChatLayout<'_>,
     scratch: &mut Scratch,
     cache: &mut SegmentCache,
-    segment_ids: &mut Vec<TokenId>,
-    chunk_text: &mut String,
+    buffers: ChunkBuffers<'_>,
     batch: usize,
     walk: &mut Walker<'_, H>,
 ) -> Result<Outcome, TokenizeError> {
+    let ChunkBuffers { text, key, segment_ids } = buffers;
+    let write_rest = |from: usize, text: &mut String| {
+        for chunk in layout.chunks().skip(from) {
+            chunk.iter().for_each(|part| text.push_str(part.text()));
+        }
+    };
     let mut exact_prior = 0.0;
-    let mut start = 0;
-    for parts in layout.chunks() {
-        let end = start + parts.iter().map(|p| p.len()).sum::<usize>();
-        let hit = cache.lookup_chunk(parts).and_then(|slot| Some((slot, cache.entry(slot)?)));
+    for (i, parts) in layout.chunks().enumerate() {
+        let keys = parts.iter().map(Part::key);
+        let hit = cache.lookup_chunk(keys.clone()).and_then(|slot| Some((slot, cache.entry(slot)?)));
         if let Some((slot, (ids, prior, memo))) = hit {
             exact_prior += prior;
             let (go_on, memo) = walk.push_cached(ids, memo);
@@ -555,32 +564,33 @@ fn walk_chunks<H: FnMut(BlockHash) -> bool>(
                 MemoUse::None => {}
             }
             if !go_on {
-                return Ok(Outcome::Stopped { rest: end, exact_prior });
+                text.clear();
+                write_rest(i + 1, text);
+                return Ok(Outcome::Stopped { rest: 0, exact_prior });
             }
-            start = end;
             continue;
         }
-        chunk_text.clear();
-        for part in parts {
-            chunk_text.push_str(part);
-        }
+        text.clear();
+        parts.iter().for_each(|part| text.push_str(part.text()));
         walk.begin_chunk();
-        let outcome = walk_pieces(engine, chunk_text, start, scratch, cache, false, segment_ids, batch, walk);
+        let outcome = walk_pieces(engine, text, i == 0, scratch, cache, false, segment_ids, batch, walk);
         walk.recording = false;
         match outcome? {
             Outcome::Complete { prior } => {
                 exact_prior += prior;
-                if let Some(slot) = cache.insert_chunk(chunk_text, walk.recorded, prior)
+                key.clear();
+                keys.for_each(|k| key.push_str(k));
+                if let Some(slot) = cache.insert_chunk(key, walk.recorded, prior)
                     && let Some(memo) = walk.chunk_memo()
                 {
                     cache.set_memo(slot, memo);
                 }
             }
             Outcome::Stopped { rest, exact_prior: within } => {
-                return Ok(Outcome::Stopped { rest: start + rest, exact_prior: exact_prior + within });
+                write_rest(i + 1, text);
+                return Ok(Outcome::Stopped { rest, exact_prior: exact_prior + within });
             }
         }
-        start = end;
     }
     Ok(Outcome::Complete { prior: exact_prior })
 }

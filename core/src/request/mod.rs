@@ -2,8 +2,10 @@
 //!
 //! This runs in Envoy for every inference request, so the body is read in one pass by hand-written
 //! serde visitors, never through a `serde_json::Value` tree: strings borrow from the body
-//! (`Cow::Borrowed` unless they hold escapes), values kept opaque (tools, tool calls, media parts)
-//! are `&RawValue` slices of it, and unknown fields are skipped without allocating. Each visitor
+//! (`Cow::Borrowed` unless they hold escapes), message text is kept in its JSON form and decoded
+//! only when read ([`JsonText`]: a chat's earlier turns are found in the tokenizer's cache without
+//! being decoded), values kept opaque (tools, tool calls, media parts) are `&RawValue` slices of
+//! it, and unknown fields are skipped without allocating. Each visitor
 //! knows where it is, so every error names its field (`messages[2].content[0].text`) and maps to an
 //! OpenAI-style error body (`openai_error_body`).
 //!
@@ -22,6 +24,10 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 use crate::hash::TokenId;
+
+mod text;
+
+pub use text::JsonText;
 
 /// Default [`RequestLimits::max_body_bytes`]: 8 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
@@ -268,8 +274,8 @@ pub struct ChatMessage<'a> {
 #[derive(Clone, PartialEq, Eq, Debug, Serialize)]
 #[serde(untagged)]
 pub enum MessageContent<'a> {
-    /// Plain text.
-    Text(Cow<'a, str>),
+    /// Plain text, read in place from the body (decoded when read).
+    Text(JsonText<'a>),
     /// An array of content parts, in order.
     Parts(Vec<ContentPart<'a>>),
 }
@@ -1363,10 +1369,10 @@ impl<'de> Visitor<'de> for Content<'_> {
         write!(f, "{CONTENT_EXPECTED} at `messages[{}].content`", self.message)
     }
     fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Some(MessageContent::Text(Cow::Borrowed(v))))
+        Ok(Some(MessageContent::Text(JsonText::new(v))))
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Some(MessageContent::Text(Cow::Owned(v.to_owned()))))
+        Ok(Some(MessageContent::Text(JsonText::new(v.to_owned()))))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut parts = Vec::new();
@@ -1389,7 +1395,26 @@ impl Reject for Content<'_> {
     }
 }
 
-seed_any!(Content, Option<MessageContent<'de>>);
+/// A string is kept in its JSON form, read in place (see [`JsonText`]): a long chat turn is
+/// scanned once and neither decoded nor copied here. Anything else is read again from its raw JSON.
+impl<'de> DeserializeSeed<'de> for Content<'_> {
+    type Value = Option<MessageContent<'de>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let raw = <&'de RawValue>::deserialize(d)?;
+        let json = raw.get();
+        if json.starts_with('"') {
+            return match JsonText::from_literal(json) {
+                Ok(text) => Ok(Some(MessageContent::Text(text))),
+                Err(e) => {
+                    let detail = format!("invalid string at `messages[{}].content`: {e}", self.message);
+                    Err(raise(self.slot, RequestError::MalformedJson { detail }))
+                }
+            };
+        }
+        let slot = self.slot;
+        serde_json::Deserializer::from_str(json).deserialize_any(self).map_err(|e| rethrow(slot, e))
+    }
+}
 
 /// `messages[message].content[part]`. A media part is kept whole as raw JSON, so the part is first
 /// taken as a raw slice and then read again for its `type` and `text`: a second pass over the part,
@@ -1892,7 +1917,7 @@ mod tests {
         assert_eq!(r.messages.len(), 2);
         assert_eq!(r.messages[0].role, "system");
         assert_eq!(r.messages[0].content, Some(MessageContent::Text("Be brief.".into())));
-        assert!(matches!(r.messages[0].content, Some(MessageContent::Text(Cow::Borrowed(_)))));
+        assert!(matches!(&r.messages[0].content, Some(MessageContent::Text(t)) if !t.is_escaped()));
         assert_eq!(r.messages[1].name.as_deref(), Some("ann"));
         assert!(!r.has_media());
     }
