@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -77,23 +78,27 @@ impl Target {
         matches!(self, Target::Filter | Target::FilterNoSegmentCache | Target::FilterKvAware)
     }
 
-    /// The bootstrap of this target in front of `upstream_ports`.
-    pub fn bootstrap(self, admin: u16, listener: u16, upstream_ports: &[u16]) -> Result<String> {
+    /// Whether this target loads the filter module.
+    pub fn has_module(self) -> bool {
+        self != Target::Plain
+    }
+
+    /// The bootstrap of this target in front of `upstream_ports`, loading `module` instead of the
+    /// one `make wasm` builds when given.
+    pub fn bootstrap(
+        self,
+        admin: u16,
+        listener: u16,
+        upstream_ports: &[u16],
+        module: Option<&Path>,
+    ) -> Result<String> {
+        let filter = |plugin_config| filter_yaml(admin, listener, upstream_ports, plugin_config, module);
         Ok(match self {
             Target::Plain => plain_yaml(admin, listener, upstream_ports),
-            Target::Filter => {
-                filter_yaml(admin, listener, upstream_ports, plugin_config(upstream_ports, None, None)?)
-            }
-            Target::FilterNoSegmentCache => {
-                filter_yaml(admin, listener, upstream_ports, plugin_config(upstream_ports, Some(0), None)?)
-            }
-            Target::FilterKvAware => filter_yaml(
-                admin,
-                listener,
-                upstream_ports,
-                plugin_config(upstream_ports, None, Some(PolicyKind::KvAware))?,
-            ),
-            Target::FilterPassthrough => filter_yaml(admin, listener, upstream_ports, "{}".to_owned()),
+            Target::Filter => filter(plugin_config(upstream_ports, None, None)?),
+            Target::FilterNoSegmentCache => filter(plugin_config(upstream_ports, Some(0), None)?),
+            Target::FilterKvAware => filter(plugin_config(upstream_ports, None, Some(PolicyKind::KvAware))?),
+            Target::FilterPassthrough => filter("{}".to_owned()),
         })
     }
 }
@@ -202,9 +207,18 @@ static_resources:
 
 /// Envoy with the filter: the integration tests' bootstrap (`EnvoyConfig::to_yaml`), plus a shorter
 /// stats flush interval so the decision-time histogram can be read per phase.
-pub fn filter_yaml(admin: u16, listener: u16, upstream_ports: &[u16], plugin_config: String) -> String {
+pub fn filter_yaml(
+    admin: u16,
+    listener: u16,
+    upstream_ports: &[u16],
+    plugin_config: String,
+    module: Option<&Path>,
+) -> String {
     // `new` fills what the benchmark does not set (the module from `make wasm`, one worker thread).
     let mut config = EnvoyConfig::new(upstream_ports.to_vec());
+    if let Some(module) = module {
+        config.wasm = module.to_path_buf();
+    }
     config.listener_port = listener;
     config.admin_port = admin;
     config.plugin_config = plugin_config;
@@ -280,10 +294,16 @@ impl RunningEnvoy {
         Ok(RunningEnvoy { name: name.to_owned(), process, admin, port, ready_after })
     }
 
-    /// Starts `target` in front of `upstream_ports` on fresh ports (on CPU `cpu` alone when given).
-    pub fn start_target(target: Target, upstream_ports: &[u16], cpu: Option<usize>) -> Result<RunningEnvoy> {
+    /// Starts `target` in front of `upstream_ports` on fresh ports (on CPU `cpu` alone when given),
+    /// with `module` instead of the filter module `make wasm` builds when given.
+    pub fn start_target(
+        target: Target,
+        upstream_ports: &[u16],
+        cpu: Option<usize>,
+        module: Option<&Path>,
+    ) -> Result<RunningEnvoy> {
         let (admin, port) = (free_port(), free_port());
-        let yaml = target.bootstrap(admin, port, upstream_ports)?;
+        let yaml = target.bootstrap(admin, port, upstream_ports, module)?;
         RunningEnvoy::start(target.name(), &yaml, admin, port, 1, cpu)
     }
 

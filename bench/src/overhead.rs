@@ -24,6 +24,9 @@ use crate::native::{NativePipeline, NativeTiming};
 use crate::stages::{StagesRun, load_tokenizer};
 use crate::workload::{self, Workload, seed};
 
+/// Appended to a target's name for its runs with the baseline module.
+pub const BASELINE: &str = "@baseline";
+
 /// Upstream listener ports: the filter's 4 workers.
 const UPSTREAMS: usize = 4;
 /// Repeats of the same text after its first sight on a fresh VM.
@@ -54,6 +57,9 @@ pub struct Options {
     /// Pin the Envoy under test to the last CPU and this client and the upstream Envoy to the
     /// others, so that they never take turns on one core.
     pub pin: bool,
+    /// Another build of the filter module: every target with the module also runs with it,
+    /// interleaved in the same rounds, as `<target>@baseline`.
+    pub baseline_module: Option<PathBuf>,
     /// The `filter-stages` module built for wasm32-wasip1: when set, the stages are also timed in
     /// node's V8 (`node` on PATH).
     pub v8_stages: Option<PathBuf>,
@@ -81,6 +87,9 @@ pub struct Machine {
     /// How processes were placed on CPUs (`None`: wherever the scheduler put them).
     #[serde(default)]
     pub pinning: Option<String>,
+    /// The baseline module's path and size in bytes, when one ran beside the module under test.
+    #[serde(default)]
+    pub baseline_module: Option<(String, u64)>,
 }
 
 /// Fresh starts of one configuration.
@@ -238,6 +247,10 @@ pub fn run(options: &Options) -> Result<Report> {
     report.workloads = workloads.iter().map(|w| (w.name.to_owned(), w.description.to_owned())).collect();
     let mut runs = Runs(0);
 
+    if let Some(module) = &options.baseline_module {
+        let bytes = std::fs::metadata(module).with_context(|| format!("stat {}", module.display()))?.len();
+        report.machine.baseline_module = Some((module.display().to_string(), bytes));
+    }
     // Before the upstream starts: it inherits this process's CPUs.
     let target_cpu = if options.pin { Some(pin_self(&mut report.machine)?) } else { None };
     let upstream_ports: Vec<u16> = (0..UPSTREAMS).map(|_| free_port()).collect();
@@ -265,10 +278,16 @@ pub fn run(options: &Options) -> Result<Report> {
         }
     }
 
+    // Each Envoy under load: its target, whether it runs the baseline module, and the process.
     let mut envoys = Vec::new();
     for &target in &options.targets {
         eprintln!("starting {}", target.name());
-        envoys.push((target, RunningEnvoy::start_target(target, &upstream_ports, target_cpu)?));
+        envoys.push((target, false, RunningEnvoy::start_target(target, &upstream_ports, target_cpu, None)?));
+        if let Some(module) = options.baseline_module.as_deref().filter(|_| target.has_module()) {
+            eprintln!("starting {}{BASELINE}", target.name());
+            let envoy = RunningEnvoy::start_target(target, &upstream_ports, target_cpu, Some(module))?;
+            envoys.push((target, true, envoy));
+        }
     }
     // Each (workload, concurrency) block runs its targets in interleaved rounds, each round in a
     // rotated order, so a change in the machine's load over time weighs on every target alike.
@@ -280,7 +299,7 @@ pub fn run(options: &Options) -> Result<Report> {
             for round in 0..rounds {
                 for k in 0..envoys.len() {
                     let i = (k + round) % envoys.len();
-                    let (target, envoy) = &envoys[i];
+                    let (target, _, envoy) = &envoys[i];
                     let span = measure(
                         options,
                         workload,
@@ -294,8 +313,11 @@ pub fn run(options: &Options) -> Result<Report> {
                     tallies[i].add(span);
                 }
             }
-            for ((target, _), tally) in envoys.iter().zip(tallies) {
-                let row = tally.row(workload, connections, *target, rounds);
+            for ((target, baseline, _), tally) in envoys.iter().zip(tallies) {
+                let mut row = tally.row(workload, connections, *target, rounds);
+                if *baseline {
+                    row.target.push_str(BASELINE);
+                }
                 eprintln!(
                     "{:<16} c={connections} {:<24} p50 {:>8.0} µs  p99 {:>8.0} µs  {:>7.0} req/s  decision {}  errors {}",
                     row.workload,
@@ -389,7 +411,7 @@ fn startup(
         let mut row = StartupRow { config: label.to_owned(), ..StartupRow::default() };
         for i in 0..options.startup_runs {
             eprintln!("start-up: {label}, run {}", i + 1);
-            let envoy = RunningEnvoy::start_target(target, upstream_ports, target_cpu)?;
+            let envoy = RunningEnvoy::start_target(target, upstream_ports, target_cpu, None)?;
             row.ready_ms.push(envoy.ready_after.as_secs_f64() * 1_000.0);
             row.phases.push(envoy.startup_phases());
             if target.routes() {

@@ -44,7 +44,7 @@ pub fn markdown(report: &Report) -> String {
         out,
         "Machine: {} CPUs ({}), load average {:.1} at the start and {:.1} at the end; Envoy {}; filter module \
          {:.2} MB; each Envoy under test `--concurrency 1`; per workload, concurrency and Envoy {} s \
-         recorded in {} interleaved rounds, each after {} s of warm-up; {:.0} s in all{}.\n",
+         recorded in {} interleaved rounds, each after {} s of warm-up; {:.0} s in all{}{}.\n",
         m.cpus,
         m.cpu_model,
         m.load_before,
@@ -55,7 +55,14 @@ pub fn markdown(report: &Report) -> String {
         report.rounds,
         report.warmup_s,
         m.elapsed_s,
-        m.pinning.as_deref().map(|p| format!("; pinned: {p}")).unwrap_or_default()
+        m.pinning.as_deref().map(|p| format!("; pinned: {p}")).unwrap_or_default(),
+        m.baseline_module
+            .as_ref()
+            .map(|(path, bytes)| format!(
+                "; baseline module `{path}` ({:.2} MB) interleaved as the `@baseline` rows",
+                *bytes as f64 / 1e6
+            ))
+            .unwrap_or_default()
     );
     summary(&mut out, report);
     long_prompts(&mut out, report);

@@ -49,6 +49,11 @@ struct Args {
     /// others (`taskset`), so that on a small machine they never take turns on one core.
     #[arg(long)]
     pin: bool,
+    /// Another build of the filter module (a `.wasm` file): every target with the module also runs
+    /// with this one, interleaved in the same rounds, reported as `<target>@baseline`. Timings
+    /// drift between runs on a shared machine; within a run they can be compared.
+    #[arg(long, value_name = "WASM")]
+    baseline_module: Option<PathBuf>,
     /// The `filter-stages` binary built for wasm32-wasip1: also time the filter's stages in node's
     /// V8 (what `make bench-envoy` passes).
     #[arg(long, value_name = "WASM")]
@@ -110,6 +115,7 @@ fn options(args: &Args) -> Result<Options, String> {
         native_iterations: args.native_iterations.unwrap_or(if quick { 20 } else { 200 }),
         upstream_concurrency: args.upstream_concurrency.max(1),
         pin: args.pin,
+        baseline_module: args.baseline_module.clone(),
         v8_stages: args.v8_stages.clone(),
         command,
     })
