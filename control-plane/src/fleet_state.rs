@@ -1034,7 +1034,10 @@ impl FleetState {
 
     /// The full state in stream form.
     pub fn snapshot(&self) -> pb::Snapshot {
-        let mut snapshot = pb::Snapshot::default();
+        let mut snapshot = pb::Snapshot {
+            block_hash_version: kvmesh_core::hash::BLOCK_HASH_VERSION,
+            ..pb::Snapshot::default()
+        };
         for (id, r) in &self.records {
             let (Some(entry), Some(handle)) = (r.entry(id), r.handle) else { continue };
             snapshot.workers.push(entry);

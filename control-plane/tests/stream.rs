@@ -103,6 +103,8 @@ async fn snapshot_then_deltas_and_resume_without_snapshot() {
     };
     assert_ne!(first.epoch, 0);
     assert!(first.sent_at_ms > 0);
+    // Filters ignore an index hashed with another version than theirs.
+    assert_eq!(snap.block_hash_version, kvmesh_core::hash::BLOCK_HASH_VERSION);
     assert_eq!(snap.workers.len(), 1);
     let mut handle = Some(snap.workers[0].handle);
     assert_eq!(snap.workers[0].worker_id, "a");

@@ -16,6 +16,12 @@ pub type TokenId = u32;
 /// Fixed seed of the block hash ("kvmesh\0\x01"): changing it invalidates every index, so never do.
 pub const HASH_SEED: u64 = 0x6b76_6d65_7368_0001;
 
+/// Version of [`hash_block`]'s output. Bump it with any change that gives a block another hash:
+/// the control plane sends its version with every state snapshot, and a filter whose version
+/// differs ignores the streamed index (during a rolling upgrade its hashes would match nothing)
+/// and says so in its metrics, rather than routing on overlaps that are silently always zero.
+pub const BLOCK_HASH_VERSION: u32 = 1;
+
 /// Parent of the first block of a sequence.
 const ROOT_PARENT: u64 = 0;
 

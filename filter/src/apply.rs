@@ -1,6 +1,7 @@
 //! The control plane's state applied to one VM's [`Router`]: workers by handle, loads, the KV index,
 //! per-model policies, and models' tokenizer files. Pure (no host calls): unit-tested natively.
 
+use kvmesh_core::hash::BLOCK_HASH_VERSION;
 use kvmesh_core::{BlockHash, Policy, RoutingConfig, TokenizerFiles, WorkerId, WorkerInfo, WorkerSlot};
 use kvmesh_proto::convert::{engine_from_wire, role_from_wire, state_from_wire};
 use kvmesh_proto::v1 as pb;
@@ -24,9 +25,12 @@ impl ApplyState for Router {
     fn apply(&mut self, body: &Body) {
         match body {
             Body::Snapshot(s) => {
+                self.check_hash_version(s.block_hash_version);
                 self.upsert_workers(&s.workers);
                 self.apply_loads(&s.loads);
-                self.apply_index(&s.index);
+                if self.foreign_hash_version.is_none() {
+                    self.apply_index(&s.index);
+                }
                 self.apply_policies(&s.policies);
             }
             Body::Delta(d) => {
@@ -37,7 +41,9 @@ impl ApplyState for Router {
                     }
                 }
                 self.apply_loads(&d.loads);
-                self.apply_index(&d.index);
+                if self.foreign_hash_version.is_none() {
+                    self.apply_index(&d.index);
+                }
                 self.apply_policies(&d.policies);
             }
         }
@@ -45,6 +51,25 @@ impl ApplyState for Router {
 }
 
 impl Router {
+    /// Notes the block hash version of a snapshot's index (0 is 1, from a control plane older than
+    /// the field). Another version's hashes would match none of this filter's: its index, and that
+    /// of the deltas after it, is left out, and requests are scored on load and this proxy's own
+    /// recent decisions until a snapshot of this filter's version arrives.
+    fn check_hash_version(&mut self, version: u32) {
+        let version = version.max(1);
+        let foreign = (version != BLOCK_HASH_VERSION).then_some(version);
+        if foreign != self.foreign_hash_version {
+            match foreign {
+                Some(theirs) => log::error!(
+                    "kvmesh filter: the control plane hashes blocks with version {theirs}, this filter with \
+                     {BLOCK_HASH_VERSION}: its KV index is ignored until both run the same version"
+                ),
+                None => log::info!("kvmesh filter: the control plane's block hash version matches again"),
+            }
+        }
+        self.foreign_hash_version = foreign;
+    }
+
     /// Removes a control-plane worker from the fleet, the index and every policy's memory.
     fn forget_slot(&mut self, slot: WorkerSlot) {
         let Some(id) = self.fleet.get(slot).map(|e| e.info.id.clone()) else { return };
@@ -266,6 +291,56 @@ mod tests {
 
     /// The text of `PROMPT`, which the byte-per-token test tokenizer turns into one id per byte.
     const PROMPT_TEXT: &str = "a prompt of several four-byte blocks";
+
+    /// The index update storing `PROMPT`'s blocks on the worker of `handle`.
+    fn prompt_on(handle: u32) -> Vec<pb::IndexUpdate> {
+        let mut hashes = Vec::new();
+        let ids: Vec<u32> = PROMPT_TEXT.bytes().map(u32::from).collect();
+        kvmesh_core::hash::hash_prompt(&ids, 4, kvmesh_core::hash::BlockSalt::NONE, &mut hashes);
+        vec![pb::IndexUpdate { handle, stored: hashes.iter().map(|h| h.0).collect(), ..Default::default() }]
+    }
+
+    #[test]
+    fn an_index_hashed_with_another_version_is_ignored_until_versions_match() {
+        let mut router = router();
+        let with_version = |version: u32| {
+            Body::Snapshot(pb::Snapshot {
+                workers: vec![worker(1), worker(2), worker(3)],
+                index: prompt_on(2),
+                block_hash_version: version,
+                ..pb::Snapshot::default()
+            })
+        };
+        router.load_assets(&assets()).expect("assets load");
+        // Ours, then a control plane older than the field (0 means 1, the first version).
+        for version in [BLOCK_HASH_VERSION, 0] {
+            router.reset();
+            router.apply(&with_version(version));
+            router.set_state_heard_at(Some(1_000));
+            assert_eq!(router.foreign_hash_version(), None);
+            let routed = router.route(Endpoint::Completions, PROMPT, 1_000, 0).expect("routed");
+            assert_eq!(routed.destination.split(',').next(), Some("127.0.0.1:9002"), "version {version}");
+            assert!(routed.overlap_blocks > 0);
+            router.finish(&routed);
+        }
+        // Another version: its hashes would match nothing here, so neither its snapshot's index
+        // nor its deltas' are applied; workers, loads and routing go on.
+        let theirs = BLOCK_HASH_VERSION + 1;
+        router.reset();
+        router.apply(&with_version(theirs));
+        router.apply(&Body::Delta(pb::Delta { index: prompt_on(3), ..pb::Delta::default() }));
+        assert_eq!(router.foreign_hash_version(), Some(theirs));
+        assert_eq!(router.index.len(), 0);
+        let routed = router.route(Endpoint::Completions, PROMPT, 1_000, 0).expect("routed");
+        assert_eq!(routed.overlap_blocks, 0);
+        assert_eq!(routed.degraded, None);
+        router.finish(&routed);
+        // Back to the same version: the index is used again.
+        router.reset();
+        router.apply(&with_version(BLOCK_HASH_VERSION));
+        assert_eq!(router.foreign_hash_version(), None);
+        assert!(!router.index.is_empty());
+    }
 
     #[test]
     fn served_model_without_its_tokenizer_is_routed_on_load() {

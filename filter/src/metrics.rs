@@ -37,6 +37,8 @@ pub struct Metrics {
     state_deltas: Option<u32>,
     state_malformed: Option<u32>,
     state_apply_us: Option<u32>,
+    /// Gauge: 1 while the control plane's block hash version is not this filter's.
+    state_hash_mismatch: Option<u32>,
     /// Set after the first failed update so a broken host does not flood the log.
     warned: Cell<bool>,
 }
@@ -110,6 +112,7 @@ impl Metrics {
             state_deltas: define(MetricType::Counter, "kvmesh_filter_state_deltas_applied_total"),
             state_malformed: define(MetricType::Counter, "kvmesh_filter_state_malformed_total"),
             state_apply_us: define(MetricType::Histogram, "kvmesh_filter_state_apply_microseconds"),
+            state_hash_mismatch: define(MetricType::Gauge, "kvmesh_filter_state_hash_version_mismatch"),
             warned: Cell::new(false),
         }
     }
@@ -151,6 +154,12 @@ impl Metrics {
 
     /// What one poll of the relayed state applied, and how long the poll took (recorded only when
     /// it applied something: an idle poll is one 48-byte shared-data read).
+    /// 1 while the control plane's block hash version differs from this filter's (its index
+    /// ignored), else 0.
+    pub fn state_hash_version(&self, foreign: Option<u32>) {
+        self.record(self.state_hash_mismatch, u64::from(foreign.is_some()));
+    }
+
     pub fn state_polled(&self, polled: &Polled, micros: u64) {
         if polled.snapshot || polled.deltas > 0 {
             self.record(self.state_apply_us, micros);

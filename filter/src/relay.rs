@@ -257,6 +257,8 @@ fn put(store: &mut impl SharedStore, key: &str, value: &[u8]) -> Result<(), Rela
 /// The state as of the relayed head, kept by the service to write fresh snapshots.
 #[derive(Default)]
 struct Replica {
+    /// The control plane's block hash version, carried into every snapshot written.
+    block_hash_version: u32,
     workers: BTreeMap<u32, pb::WorkerEntry>,
     loads: BTreeMap<u32, pb::WorkerLoadUpdate>,
     blocks: HashMap<u32, HashSet<u64>>,
@@ -265,7 +267,7 @@ struct Replica {
 
 impl Replica {
     fn from_snapshot(snapshot: &pb::Snapshot) -> Replica {
-        let mut replica = Replica::default();
+        let mut replica = Replica { block_hash_version: snapshot.block_hash_version, ..Replica::default() };
         for w in &snapshot.workers {
             replica.workers.insert(w.handle, w.clone());
         }
@@ -312,6 +314,7 @@ impl Replica {
 
     fn snapshot(&self) -> pb::Snapshot {
         pb::Snapshot {
+            block_hash_version: self.block_hash_version,
             workers: self.workers.values().cloned().collect(),
             loads: self.loads.values().copied().collect(),
             index: self
@@ -595,6 +598,26 @@ mod tests {
         assert_eq!(view.workers.keys().copied().collect::<Vec<_>>(), [3]);
         assert!(view.blocks.is_empty());
         assert_eq!(view.resets, 2);
+    }
+
+    #[test]
+    fn rebased_snapshots_keep_the_control_planes_block_hash_version() {
+        let (mut store, mut publisher) = (Map::default(), Publisher::new(None));
+        let body = Body::Snapshot(pb::Snapshot {
+            workers: vec![worker(1, "m")],
+            block_hash_version: 7,
+            ..pb::Snapshot::default()
+        });
+        let bytes = pb::StateUpdate { epoch: 1, version: 0, sent_at_ms: 1, body: Some(body) }.encode_to_vec();
+        publisher.receive(&bytes, 1, &mut store).expect("relayed");
+        for v in 1..=REBASE_AFTER {
+            publisher.receive(&stored(1, v, 1, &[v]), 2, &mut store).expect("relayed");
+        }
+        let relayed = pb::StateUpdate::decode(store.get(SNAPSHOT_KEY).expect("a snapshot").as_slice())
+            .expect("decodes");
+        assert_eq!(relayed.version, REBASE_AFTER, "rebased");
+        let Some(Body::Snapshot(snapshot)) = relayed.body else { panic!("not a snapshot") };
+        assert_eq!(snapshot.block_hash_version, 7);
     }
 
     #[test]

@@ -74,6 +74,9 @@ impl KvmeshRoot {
         let polled = follower.poll(&HostStore, &mut *router);
         router.set_state_heard_at(follower.heard_at_ms());
         state.metrics.state_polled(&polled, now_micros().saturating_sub(started));
+        if polled.snapshot {
+            state.metrics.state_hash_version(router.foreign_hash_version());
+        }
         if polled.assets_changed {
             self.assets_generation += 1;
         }

@@ -171,6 +171,8 @@ pub struct Router {
     state_heard_at_ms: Option<u64>,
     /// Whether kv-aware stops exact tokenization at the first block no one holds.
     early_exit: bool,
+    /// The control plane's block hash version when it is not this filter's (its index is ignored).
+    pub(crate) foreign_hash_version: Option<u32>,
     /// Reused per request: the prompt's block hashes.
     hashes: Vec<BlockHash>,
     /// Reused per request: each worker's cached prefix, counted during kv-aware's walk.
@@ -219,6 +221,7 @@ impl Router {
             state_ttl_ms: config.state.map(|s| s.ttl_ms),
             state_heard_at_ms: None,
             early_exit: config.early_exit,
+            foreign_hash_version: None,
             hashes: Vec::new(),
             runs: Vec::new(),
         };
@@ -244,6 +247,12 @@ impl Router {
     /// Without either the filter passes everything through.
     pub fn routes_anything(&self) -> bool {
         !self.models.is_empty() || self.state_ttl_ms.is_some()
+    }
+
+    /// The control plane's block hash version when it differs from this filter's, so that its
+    /// KV index is ignored.
+    pub fn foreign_hash_version(&self) -> Option<u32> {
+        self.foreign_hash_version
     }
 
     /// Models loaded.
