@@ -82,29 +82,35 @@ impl<'a> JsonText<'a> {
         memchr::memmem::find(self.json.as_bytes(), needle.as_bytes()).is_some()
     }
 
-    /// Whether the text neither starts nor ends with whitespace (`str::trim` leaves it whole),
-    /// known from the JSON form's two ends without decoding.
-    pub fn is_trimmed(&self) -> bool {
+    /// Whether the text neither starts nor ends with a character `is_space` holds for (stripping
+    /// would leave it whole), known from the JSON form's two ends without decoding.
+    pub fn is_stripped(&self, is_space: impl Fn(char) -> bool) -> bool {
         if let Some(decoded) = self.decoded.get() {
-            return decoded.trim().len() == decoded.len();
+            return decoded.trim_matches(&is_space).len() == decoded.len();
         }
         // Not decoded yet, so no `\u` escape: a short escape's letter says what it stands for.
         let json = &self.json;
-        let whitespace_escape = |kind: Option<u8>| matches!(kind, Some(b'n' | b't' | b'r' | b'f'));
+        let escaped = |letter: u8| {
+            let c = match letter {
+                b'n' => '\n',
+                b't' => '\t',
+                b'r' => '\r',
+                b'f' => '\u{c}',
+                b'b' => '\u{8}',
+                other => char::from(other),
+            };
+            is_space(c)
+        };
         let starts = match json.chars().next() {
             None => return true,
-            Some('\\') => whitespace_escape(json.as_bytes().get(1).copied()),
-            Some(c) => c.is_whitespace(),
+            Some('\\') => json.as_bytes().get(1).is_some_and(|&letter| escaped(letter)),
+            Some(c) => is_space(c),
         };
         let Some(last) = json.chars().next_back() else { return true };
         // The last character is an escape's letter when an odd run of backslashes precedes it.
-        let run =
-            json.as_bytes()[..json.len() - last.len_utf8()].iter().rev().take_while(|&&b| b == b'\\').count();
-        let ends = if run % 2 == 1 {
-            last.is_ascii() && whitespace_escape(Some(last as u8))
-        } else {
-            last.is_whitespace()
-        };
+        let before = &json.as_bytes()[..json.len() - last.len_utf8()];
+        let run = before.iter().rev().take_while(|&&b| b == b'\\').count();
+        let ends = if run % 2 == 1 { last.is_ascii() && escaped(last as u8) } else { is_space(last) };
         !starts && !ends
     }
 }
@@ -290,16 +296,24 @@ mod tests {
     }
 
     #[test]
-    fn is_trimmed_is_what_trim_says() {
+    fn is_stripped_is_what_stripping_says() {
         let mut rng = SplitMix64::new(13);
+        // Rust's whitespace, and one that also holds for the backspace and `x`.
+        let wide = |c: char| c.is_whitespace() || c == '\u{8}' || c == 'x';
         for i in 0..5_000 {
             let mut original = text(&mut rng);
             if i % 3 == 0 {
-                original.push_str([" ", "\n", "x", "\u{3000}", "\\", "\t"][i as usize % 6]);
+                original.push_str([" ", "\n", "x", "\u{3000}", "\\", "\t", "\u{8}"][i as usize % 7]);
             }
             let literal = literal(&original, i);
             let json = JsonText::from_literal(&literal).expect("valid");
-            assert_eq!(json.is_trimmed(), original.trim() == original, "{literal}");
+            assert_eq!(json.is_stripped(char::is_whitespace), original.trim() == original, "{literal}");
+            let stripped = original.trim_matches(wide) == original;
+            assert_eq!(
+                JsonText::from_literal(&literal).expect("valid").is_stripped(wide),
+                stripped,
+                "{literal}"
+            );
         }
     }
 

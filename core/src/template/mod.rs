@@ -174,8 +174,9 @@ impl ChatTemplate {
         env.set_syntax(syntax);
         // transformers' environment never escapes HTML.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(python_methods);
         env.add_filter("tojson", tojson);
+        env.add_filter("trim", trim);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| TemplateError::Compile { reason: format!("{e:#}") })?;
@@ -355,6 +356,48 @@ fn map_value<K: Into<Value>>(pairs: impl IntoIterator<Item = (K, Value)>) -> Val
 }
 
 /// `raise_exception(message)`: the template refuses the conversation.
+/// Whether Python's `str.isspace` holds for `c` (what `str.strip()` strips): Unicode White_Space,
+/// which Rust's `char::is_whitespace` is, and also U+001C-U+001F, the information separators,
+/// whose bidirectional class makes them whitespace to Python.
+pub(crate) fn python_isspace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Python's `str.strip()`: `s` without leading and trailing whitespace by [`python_isspace`].
+pub(crate) fn python_strip(s: &str) -> &str {
+    s.trim_matches(python_isspace)
+}
+
+/// Jinja2's `trim` filter, which is Python's `str.strip(chars)` (minijinja's strips Rust's
+/// whitespace, which lacks U+001C-U+001F).
+fn trim(value: Cow<'_, str>, chars: Option<Cow<'_, str>>) -> String {
+    match chars {
+        Some(chars) => value.trim_matches(|c| chars.contains(c)).to_owned(),
+        None => python_strip(&value).to_owned(),
+    }
+}
+
+/// Python's string methods as minijinja-contrib's `pycompat` provides them, except that
+/// `strip`, `lstrip` and `rstrip` without characters strip Python's whitespace
+/// ([`python_isspace`]), as the templates' own engine does.
+fn python_methods(
+    state: &mut minijinja::State<'_, '_>,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, minijinja::Error> {
+    let no_chars = args.is_empty() || (args.len() == 1 && args[0].is_none());
+    if let (Some(s), true) = (value.as_str(), no_chars) {
+        match method {
+            "strip" => return Ok(Value::from(python_strip(s))),
+            "lstrip" => return Ok(Value::from(s.trim_start_matches(python_isspace))),
+            "rstrip" => return Ok(Value::from(s.trim_end_matches(python_isspace))),
+            _ => {}
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
 fn raise_exception(message: String) -> Result<Value, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
 }
@@ -1069,5 +1112,21 @@ mod tests {
         );
         // Booleans print as Python prints them.
         assert_eq!(out, "aTruebTrue21");
+    }
+
+    #[test]
+    fn strip_and_trim_strip_what_python_strips() {
+        // Python's whitespace includes U+001C-U+001F; Rust's does not. Expected output from
+        // Jinja2 3.1.6 in transformers' sandboxed environment, which vLLM renders with.
+        let out = render_str(
+            "[{{ x|trim }}|{{ x.strip() }}|{{ x.lstrip() }}|{{ x.rstrip() }}|{{ x.strip('\u{1c}\u{3000}') }}|\
+             {{ x|trim('\u{1c}') }}]",
+            map_value([("x", Value::from("\u{1c}\u{1d} A \u{1e}\u{1f}\u{85}\u{3000}"))]),
+        );
+        assert_eq!(
+            out,
+            "[A|A|A \u{1e}\u{1f}\u{85}\u{3000}|\u{1c}\u{1d} A|\u{1d} A \u{1e}\u{1f}\u{85}|\u{1d} A \u{1e}\u{1f}\u{85}\u{3000}]"
+        );
+        assert_eq!(python_strip("\u{1f} x \u{1c}"), "x");
     }
 }

@@ -332,8 +332,8 @@ fn qwen3<'r>(
 }
 
 /// Llama 3's template: every message, whatever its role, is a header and its trimmed text (the
-/// template reads nothing else of it), the first after the BOS token. `trim` is minijinja's
-/// (Unicode White_Space), which the interpreted path uses too.
+/// template reads nothing else of it), the first after the BOS token. `trim` is Jinja2's (Python's
+/// `str.strip`), which the interpreted path uses too.
 fn llama3<'r>(
     messages: &'r [ChatMessage<'_>],
     add_generation_prompt: bool,
@@ -345,7 +345,11 @@ fn llama3<'r>(
     for m in messages {
         let text = text_of(m)?;
         // Trimmed from the JSON form's ends when it can be seen there that nothing goes.
-        let text = if text.is_trimmed() { text } else { Cow::Owned(JsonText::new(text.trim().to_owned())) };
+        let text = if text.is_stripped(super::python_isspace) {
+            text
+        } else {
+            Cow::Owned(JsonText::new(super::python_strip(&text).to_owned()))
+        };
         layout.push("<|start_header_id|>");
         layout.push(m.role.as_ref());
         layout.push("<|end_header_id|>\n\n");
