@@ -453,6 +453,24 @@ fn clean_boundary(engine: &Engine, token: &str, scratch: &mut Scratch) -> bool {
     })
 }
 
+/// Feeds the ids of the cache entry in `slot` to `walk`, replaying its chain memo where it fits
+/// and keeping a new one where it does not; `None` if the slot holds nothing (the caller then
+/// encodes the text itself), else whether to go on and the entry's prior.
+fn feed_cached<H: FnMut(BlockHash) -> bool>(
+    cache: &mut SegmentCache,
+    slot: u32,
+    walk: &mut Walker<'_, H>,
+) -> Option<(bool, f32)> {
+    let (ids, prior, memo) = cache.entry(slot)?;
+    let (go_on, memo) = walk.push_cached(ids, memo);
+    match memo {
+        MemoUse::Replayed => cache.count_replay(),
+        MemoUse::New(memo) => cache.set_memo(slot, memo),
+        MemoUse::None => {}
+    }
+    Some((go_on, prior))
+}
+
 /// [`Encoder::walk_blocks`]'s loop: `text` split at added tokens, each text segment's ids from
 /// the cache (with its chain memo) or the model, fed to `walk` until it stops. `starts_prompt`
 /// says whether `text` opens its prompt (a segment there is cached apart). With
@@ -484,15 +502,10 @@ fn walk_pieces<H: FnMut(BlockHash) -> bool>(
         };
         let end = start + segment.len();
         let at_start = starts_prompt && start == 0;
-        let hit = cache.lookup(segment, at_start).and_then(|slot| Some((slot, cache.entry(slot)?)));
-        if let Some((slot, (ids, prior, memo))) = hit {
+        if let Some(slot) = cache.lookup(segment, at_start)
+            && let Some((go_on, prior)) = feed_cached(cache, slot, walk)
+        {
             exact_prior += prior;
-            let (go_on, memo) = walk.push_cached(ids, memo);
-            match memo {
-                MemoUse::Replayed => cache.count_replay(),
-                MemoUse::New(memo) => cache.set_memo(slot, memo),
-                MemoUse::None => {}
-            }
             if !go_on {
                 return Ok(Outcome::Stopped { rest: end, exact_prior });
             }
@@ -554,15 +567,10 @@ fn walk_chunks<H: FnMut(BlockHash) -> bool>(
     let mut exact_prior = 0.0;
     for (i, parts) in layout.chunks().enumerate() {
         let keys = parts.iter().map(Part::key);
-        let hit = cache.lookup_chunk(keys.clone()).and_then(|slot| Some((slot, cache.entry(slot)?)));
-        if let Some((slot, (ids, prior, memo))) = hit {
+        if let Some(slot) = cache.lookup_chunk(keys.clone())
+            && let Some((go_on, prior)) = feed_cached(cache, slot, walk)
+        {
             exact_prior += prior;
-            let (go_on, memo) = walk.push_cached(ids, memo);
-            match memo {
-                MemoUse::Replayed => cache.count_replay(),
-                MemoUse::New(memo) => cache.set_memo(slot, memo),
-                MemoUse::None => {}
-            }
             if !go_on {
                 text.clear();
                 write_rest(i + 1, text);
