@@ -311,9 +311,8 @@ impl Router {
                 render = rendered;
                 let salt = BlockSalt::for_request(None, request.cache_salt());
                 let block_size = *block_size;
-                let prompt_tokens = match input.text() {
-                    None => {
-                        let ids = input.tokens();
+                let prompt_tokens = match &input {
+                    PromptInput::Tokens(ids) => {
                         hash_prompt(ids, block_size as usize, salt, &mut self.hashes);
                         ids.len() as u64
                     }
@@ -322,7 +321,9 @@ impl Router {
                     // the fleet's index or this proxy's recent decisions), and estimate the rest
                     // of the length from its bytes. The walk counts each worker's prefix as it
                     // goes, so scoring reads neither index again.
-                    Some(text) if self.early_exit && policy.kind() == PolicyKind::KvAware => {
+                    PromptInput::Text { text, add_special_tokens }
+                        if self.early_exit && policy.kind() == PolicyKind::KvAware =>
+                    {
                         let (index, runs) = (&self.index, &mut self.runs);
                         runs.clear();
                         runs.resize(self.fleet.slot_bound(), 0);
@@ -332,17 +333,18 @@ impl Router {
                             depth += 1;
                             grew
                         };
-                        let walk =
-                            text.walk(encoder, block_size as usize, salt, held).map_err(|e| internal(&e))?;
+                        let walk = text
+                            .walk(encoder, *add_special_tokens, block_size as usize, salt, held)
+                            .map_err(|e| internal(&e))?;
                         self.hashes.extend_from_slice(walk.hashes);
                         walked = true;
                         walk.total_tokens as u64
                     }
                     // Every block, exactly: the same walk that never stops (cached segments and
                     // turns replay their block hashes).
-                    Some(text) => {
+                    PromptInput::Text { text, add_special_tokens } => {
                         let walk = text
-                            .walk(encoder, block_size as usize, salt, |_| true)
+                            .walk(encoder, *add_special_tokens, block_size as usize, salt, |_| true)
                             .map_err(|e| internal(&e))?;
                         self.hashes.extend_from_slice(walk.hashes);
                         walk.total_tokens as u64
@@ -429,54 +431,34 @@ impl Router {
 /// A request's prompt as the engine will tokenize it.
 enum PromptInput<'a> {
     /// Text (a rendered chat, or a completion prompt), with or without the model's special tokens.
-    Text { text: std::borrow::Cow<'a, str>, add_special_tokens: bool },
-    /// A chat laid out by a native renderer, never written out whole.
-    Layout { layout: ChatLayout<'a>, add_special_tokens: bool },
+    Text { text: PromptText<'a>, add_special_tokens: bool },
     /// Token ids given by the client.
     Tokens(&'a [TokenId]),
 }
 
-impl<'a> PromptInput<'a> {
-    /// The prompt as text to walk, or `None` for token ids.
-    fn text(&self) -> Option<TextInput<'_, 'a>> {
-        match self {
-            PromptInput::Text { text, add_special_tokens } => {
-                Some(TextInput::Text(text, *add_special_tokens))
-            }
-            PromptInput::Layout { layout, add_special_tokens } => {
-                Some(TextInput::Layout(layout, *add_special_tokens))
-            }
-            PromptInput::Tokens(_) => None,
-        }
-    }
-
-    /// The client's token ids (empty for a text prompt).
-    fn tokens(&self) -> &[TokenId] {
-        match self {
-            PromptInput::Tokens(ids) => ids,
-            _ => &[],
-        }
-    }
+/// A text prompt: written out, or a chat laid out by a native renderer (never written out whole).
+enum PromptText<'a> {
+    Written(std::borrow::Cow<'a, str>),
+    LaidOut(ChatLayout<'a>),
 }
 
-/// A text prompt, written out or laid out, with whether the tokenizer adds its special tokens.
-enum TextInput<'i, 'r> {
-    Text(&'i str, bool),
-    Layout(&'i ChatLayout<'r>, bool),
-}
-
-impl TextInput<'_, '_> {
+impl PromptText<'_> {
     /// Tokenizes and hashes the prompt block by block through `encoder`, until `held` says no.
     fn walk<'e>(
         &self,
         encoder: &'e mut Encoder,
+        add_special_tokens: bool,
         block_size: usize,
         salt: BlockSalt,
         held: impl FnMut(BlockHash) -> bool,
     ) -> Result<BlockWalk<'e>, kvmesh_core::tokenize::TokenizeError> {
-        match *self {
-            TextInput::Text(text, add) => encoder.walk_blocks(text, add, block_size, salt, held),
-            TextInput::Layout(layout, add) => encoder.walk_layout(layout, add, block_size, salt, held),
+        match self {
+            PromptText::Written(text) => {
+                encoder.walk_blocks(text, add_special_tokens, block_size, salt, held)
+            }
+            PromptText::LaidOut(layout) => {
+                encoder.walk_layout(layout, add_special_tokens, block_size, salt, held)
+            }
         }
     }
 }
@@ -510,23 +492,26 @@ fn prompt_input<'a>(
                         .chat_template(chat.chat_template.as_deref(), chat.tools.is_some())
                         .map_err(|e| bad(&e))?;
                     let (text, path) = own.render_traced(chat, &options).map_err(|e| bad(&e))?;
-                    return Ok((PromptInput::Text { text: text.into(), add_special_tokens }, Some(path)));
+                    let text = PromptText::Written(text.into());
+                    return Ok((PromptInput::Text { text, add_special_tokens }, Some(path)));
                 }
             };
             let path = rendered.path();
-            let input = match rendered {
-                RenderedChat::Layout(layout) => PromptInput::Layout { layout, add_special_tokens },
-                RenderedChat::Text(text) => PromptInput::Text { text: text.into(), add_special_tokens },
+            let text = match rendered {
+                RenderedChat::Layout(layout) => PromptText::LaidOut(layout),
+                RenderedChat::Text(text) => PromptText::Written(text.into()),
             };
+            let input = PromptInput::Text { text, add_special_tokens };
             Ok((input, Some(path)))
         }
         InferenceRequest::Completion(completion) => Ok((
             match &completion.prompt {
-                Prompt::Text(text) => {
-                    PromptInput::Text { text: text.as_ref().into(), add_special_tokens: true }
-                }
+                Prompt::Text(text) => PromptInput::Text {
+                    text: PromptText::Written(text.as_ref().into()),
+                    add_special_tokens: true,
+                },
                 Prompt::Texts(texts) => PromptInput::Text {
-                    text: texts.first().map_or("", |t| t.as_ref()).into(),
+                    text: PromptText::Written(texts.first().map_or("", |t| t.as_ref()).into()),
                     add_special_tokens: true,
                 },
                 Prompt::Tokens(ids) => PromptInput::Tokens(ids),
