@@ -248,6 +248,13 @@ impl HttpContext for KvmeshHttp {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Phase::Routed(routed) = &mut self.phase
+            && !routed.prefill_done
+            && body_size > 0
+            && let Ok(mut router) = self.state.router.try_borrow_mut()
+        {
+            router.prefill_done(routed);
+        }
         let Some(scanner) = &mut self.usage else { return Action::Continue };
         // Each chunk is passed on as it comes (Continue), so the buffer holds just this chunk.
         if body_size > 0 {

@@ -125,8 +125,11 @@ pub struct Routed {
     pub prompt_tokens: u64,
     /// Leading blocks predicted cached on the chosen worker.
     pub overlap_blocks: u32,
-    /// Prompt tokens the worker must prefill (counted in flight until the request ends).
+    /// Prompt tokens the worker must prefill (counted in flight until the first byte of the
+    /// response, or the end of the request).
     pub prefill_tokens: u64,
+    /// Whether `prefill_tokens` no longer count in flight ([`Router::prefill_done`]).
+    pub prefill_done: bool,
     /// Blocks the request holds (counted in flight until the request ends).
     pub request_blocks: u64,
     /// Block size the prompt was hashed with.
@@ -412,6 +415,7 @@ impl Router {
             prompt_tokens,
             overlap_blocks: decision.overlap_blocks,
             prefill_tokens: decision.prefill_tokens,
+            prefill_done: false,
             request_blocks: decision.request_blocks,
             block_size,
             policy: policy_kind,
@@ -420,10 +424,24 @@ impl Router {
         })
     }
 
+    /// Stops counting a routed request's prefill in flight: its worker answered, so the prompt is
+    /// prefilled (an engine streams its first chunk with the first token, and sends a whole
+    /// answer only when done). Its blocks stay counted until [`Router::finish`]. Once per request.
+    pub fn prefill_done(&mut self, routed: &mut Routed) {
+        if routed.prefill_done {
+            return;
+        }
+        routed.prefill_done = true;
+        if let Some(entry) = self.fleet.get_mut(routed.worker) {
+            entry.load.prefill_done(routed.prefill_tokens);
+        }
+    }
+
     /// Ends a routed request's in-flight accounting (response complete or stream reset).
     pub fn finish(&mut self, routed: &Routed) {
         if let Some(entry) = self.fleet.get_mut(routed.worker) {
-            entry.load.end_request(routed.prefill_tokens, routed.request_blocks);
+            let prefill = if routed.prefill_done { 0 } else { routed.prefill_tokens };
+            entry.load.end_request(prefill, routed.request_blocks);
         }
     }
 }
@@ -626,6 +644,30 @@ pub(crate) mod tests {
         let again = early.route(Endpoint::ChatCompletions, &body, 1, 0).expect("routed");
         assert_eq!((again.worker, again.overlap_blocks), (estimated.worker, 1), "{again:?}");
         assert_eq!(early.hashes.len(), 2);
+    }
+
+    #[test]
+    fn prefill_counts_in_flight_until_the_first_response_byte_and_only_once() {
+        let mut router = Router::new(&config(1)).expect("router");
+        let body = chat("a prompt of a few blocks", "q");
+        let mut first = router.route(Endpoint::ChatCompletions, &body, 0, 0).expect("routed");
+        let second = router.route(Endpoint::ChatCompletions, &body, 1, 0).expect("routed");
+        let slot = first.worker;
+        let load = |router: &Router| router.fleet.get(slot).expect("the worker").load.clone();
+        let both = first.prefill_tokens + second.prefill_tokens;
+        assert!(first.prefill_tokens > 0 && second.prefill_tokens > 0, "{first:?} {second:?}");
+        assert_eq!(load(&router).inflight_prefill_tokens, both);
+        router.prefill_done(&mut first);
+        router.prefill_done(&mut first);
+        assert_eq!(load(&router).inflight_prefill_tokens, second.prefill_tokens);
+        assert_eq!(load(&router).inflight_requests, 2, "the request itself is still in flight");
+        // Ending it takes its blocks, not the other request's prefill.
+        router.finish(&first);
+        assert_eq!(load(&router).inflight_prefill_tokens, second.prefill_tokens);
+        assert_eq!(
+            (load(&router).inflight_requests, load(&router).inflight_blocks),
+            (1, second.request_blocks)
+        );
     }
 
     #[test]
