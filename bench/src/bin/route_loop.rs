@@ -20,7 +20,7 @@ use kvmesh_filter::router::Router;
 
 const USAGE: &str = "\
 usage: route-loop [--workload NAME] [--policy NAME] [--iterations N] [--cold | --sweep KIB]
-                  [--tokenizer DIR]
+                  [--idle-us N] [--tokenizer DIR]
 
 Runs the filter's decision in a loop and prints its median time.
 
@@ -32,6 +32,8 @@ Runs the filter's decision in a loop and prints its median time.
   --cold            write 48 MiB before every request, so it starts with every cache level cold
   --sweep KIB       write KIB KiB before every request instead (1024: about what Envoy's own work
                     between two requests evicts on a 2-core machine, the L2 but not the L3)
+  --idle-us N       sleep N microseconds before every request, as a proxy's thread waits between
+                    requests at low load
   --tokenizer DIR   Qwen3's tokenizer.json and tokenizer_config.json (default: where `make setup`
                     puts them; required in wasm)";
 
@@ -42,6 +44,8 @@ struct Args {
     iterations: usize,
     /// Bytes written before every request (0: none).
     sweep: usize,
+    /// Sleep before every request, µs (0: none).
+    idle_us: u64,
     tokenizer: Option<PathBuf>,
 }
 
@@ -52,6 +56,7 @@ impl Args {
             policy: None,
             iterations: 1500,
             sweep: 0,
+            idle_us: 0,
             tokenizer: None,
         };
         while let Some(arg) = args.next() {
@@ -69,6 +74,7 @@ impl Args {
                 }
                 "--cold" => parsed.sweep = 48 << 20,
                 "--sweep" => parsed.sweep = value()?.parse::<usize>().context("--sweep takes KiB")? << 10,
+                "--idle-us" => parsed.idle_us = value()?.parse().context("--idle-us takes a number")?,
                 "--tokenizer" => parsed.tokenizer = Some(value()?.into()),
                 other => bail!("unknown argument `{other}`\n\n{USAGE}"),
             }
@@ -109,6 +115,9 @@ fn run(args: &Args) -> Result<f64> {
             *byte = byte.wrapping_add(n as u8);
         }
         black_box(&sweep);
+        if args.idle_us > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(args.idle_us));
+        }
         let now_ms = started.elapsed().as_millis() as u64;
         let t0 = Instant::now();
         let routed = router
