@@ -252,7 +252,9 @@ mod tests {
         let mut router = router();
         assert!(router.routes_anything());
         let err = router.route(Endpoint::Completions, PROMPT, 0, 0).expect_err("no state");
-        assert_eq!(err.kind, RejectKind::NoWorker);
+        assert_eq!(err.kind, RejectKind::NotReady);
+        assert_eq!(err.kind.status(), 503);
+        assert!(err.kind.is_own_failure(), "the failure mode decides: answered or forwarded unrouted");
     }
 
     #[test]

@@ -84,6 +84,22 @@ pub struct FilterConfig {
     /// Off by default: it costs a host call per response and tells clients what the proxy runs.
     #[serde(default)]
     pub response_header: bool,
+    /// What happens to a request the filter cannot route for a reason of its own, not the
+    /// request's: no fleet state yet, a prompt its tokenizer fails on, a body it cannot read.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+}
+
+/// The filter's own failure policy (Envoy's `failure_policy` covers a VM that crashed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Forward the request without a destination: the cluster's `override_host` policy falls back
+    /// to its own (round robin). Counted in `kvmesh_filter_fallbacks_total`.
+    #[default]
+    FailOpen,
+    /// Answer it with a JSON error: 503 before the fleet is known, 500 otherwise.
+    FailClosed,
 }
 
 /// The HTTP filter's view of the control plane's state (relayed by the state service).
@@ -304,6 +320,16 @@ mod tests {
     fn malformed_json_is_rejected() {
         let err = FilterConfig::from_bytes(Some(b"{not json")).expect_err("malformed JSON must fail");
         assert!(err.to_string().contains("invalid kvmesh filter configuration"), "{err}");
+    }
+
+    #[test]
+    fn failure_mode_defaults_to_fail_open_and_names_a_bad_value() {
+        let config = FilterConfig::from_bytes(Some(b"{}")).expect("accepted");
+        assert_eq!(config.failure_mode, FailureMode::FailOpen);
+        let config = FilterConfig::from_bytes(Some(br#"{"failure_mode":"fail_closed"}"#)).expect("accepted");
+        assert_eq!(config.failure_mode, FailureMode::FailClosed);
+        let err = FilterConfig::from_bytes(Some(br#"{"failure_mode":"closed"}"#)).expect_err("unknown mode");
+        assert!(err.to_string().contains("fail_open"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
 use crate::accuracy::AccuracyMetrics;
+use crate::config::FailureMode;
 use crate::metrics::Metrics;
 use crate::router::{RejectKind, Rejected, Routed, Router};
 
@@ -39,6 +40,8 @@ pub(crate) struct VmState {
     pub(crate) accuracy_skipped: Cell<u32>,
     /// Whether every response gets [`FILTER_HEADER`].
     pub(crate) response_header: bool,
+    /// What happens to a request the filter cannot route for a reason of its own.
+    pub(crate) failure_mode: FailureMode,
 }
 
 impl VmState {
@@ -89,17 +92,13 @@ impl KvmeshHttp {
         let unix_seconds = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let now_ms = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let result = match self.state.router.try_borrow_mut() {
-            Ok(mut router) => router.route(endpoint, body, now_ms, unix_seconds),
-            Err(_) => {
-                // Cannot happen in a single-threaded VM; fail open rather than trap.
-                log::error!(
-                    "kvmesh filter: router busy (re-entered); passing request {} through",
-                    self.context_id
-                );
-                self.state.metrics.fallback();
-                self.phase = Phase::Passed;
-                return Action::Continue;
-            }
+            Ok(mut router) => Some(router.route(endpoint, body, now_ms, unix_seconds)),
+            Err(_) => None,
+        };
+        let Some(result) = result else {
+            // Cannot happen in a single-threaded VM; never trap over it.
+            log::error!("kvmesh filter: router busy (re-entered) at request {}", self.context_id);
+            return self.fail("the router is busy");
         };
         let micros = elapsed_micros(started);
         match result {
@@ -125,9 +124,38 @@ impl KvmeshHttp {
                 self.phase = Phase::Routed(routed);
                 Action::Continue
             }
+            Err(rejected)
+                if rejected.kind.is_own_failure() && self.state.failure_mode == FailureMode::FailOpen =>
+            {
+                log::debug!(
+                    "kvmesh filter: request {} not routed ({}); forwarded unrouted (fail open)",
+                    self.context_id,
+                    rejected.kind.status()
+                );
+                self.state.metrics.fallback();
+                self.phase = Phase::Passed;
+                Action::Continue
+            }
             Err(rejected) => {
                 self.state.metrics.rejected(rejected.kind, micros);
                 self.answer(&rejected)
+            }
+        }
+    }
+
+    /// The filter cannot do its work on this request (`why`, for the answer): per the failure
+    /// mode, forwarded without a destination (the cluster's own policy picks), or answered 500.
+    fn fail(&mut self, why: &str) -> Action {
+        match self.state.failure_mode {
+            FailureMode::FailOpen => {
+                self.state.metrics.fallback();
+                self.phase = Phase::Passed;
+                Action::Continue
+            }
+            FailureMode::FailClosed => {
+                let body = openai_error_body(why, "InternalServerError", None, 500);
+                self.state.metrics.rejected(RejectKind::Internal, 0);
+                self.answer(&Rejected { kind: RejectKind::Internal, body })
             }
         }
     }
@@ -219,10 +247,8 @@ impl HttpContext for KvmeshHttp {
         let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(body) => body.unwrap_or_default(),
             Err(status) => {
-                log::error!("kvmesh filter: cannot read the request body: {status:?}; passing through");
-                self.state.metrics.fallback();
-                self.phase = Phase::Passed;
-                return Action::Continue;
+                log::error!("kvmesh filter: cannot read the request body: {status:?}");
+                return self.fail("the request body could not be read");
             }
         };
         self.route(endpoint, &body)

@@ -19,7 +19,7 @@ use crate::router::{Degraded, RejectKind, Routed};
 pub struct Metrics {
     routed: Option<u32>,
     passthrough: Option<u32>,
-    rejected: [Option<u32>; 6],
+    rejected: [Option<u32>; 7],
     decision_us_total: Option<u32>,
     decision_us: Option<u32>,
     overlap_blocks_total: Option<u32>,
@@ -44,13 +44,14 @@ pub struct Metrics {
 }
 
 /// Every reject kind, in the order of `Metrics::rejected`.
-const REJECT_KINDS: [RejectKind; 6] = [
+const REJECT_KINDS: [RejectKind; 7] = [
     RejectKind::BadRequest,
     RejectKind::TooLarge,
     RejectKind::UnknownModel,
     RejectKind::NoWorker,
     RejectKind::Shed,
     RejectKind::Internal,
+    RejectKind::NotReady,
 ];
 
 /// Every policy, in the order of `Metrics::by_policy`.
@@ -66,6 +67,7 @@ fn reject_name(kind: RejectKind) -> &'static str {
         RejectKind::NoWorker => "no_worker",
         RejectKind::Shed => "shed",
         RejectKind::Internal => "internal_error",
+        RejectKind::NotReady => "not_ready",
     }
 }
 
@@ -82,7 +84,7 @@ fn define(kind: MetricType, name: &str) -> Option<u32> {
 impl Metrics {
     /// Defines every metric in this VM.
     pub fn define() -> Metrics {
-        let mut rejected = [None; 6];
+        let mut rejected = [None; 7];
         for (slot, kind) in rejected.iter_mut().zip(REJECT_KINDS) {
             let name = format!("kvmesh_filter_decisions_{}_total", reject_name(kind));
             *slot = define(MetricType::Counter, &name);

@@ -170,6 +170,7 @@ impl RootContext for KvmeshRoot {
                     accuracy_sample_every: config.accuracy_sample_every,
                     accuracy_skipped: Cell::new(0),
                     response_header: config.response_header,
+                    failure_mode: config.failure_mode,
                 }));
                 self.tried.clear();
                 self.follower = None;

@@ -78,6 +78,8 @@ pub enum RejectKind {
     Shed,
     /// The tokenizer failed on valid input: a bug or an unsupported model (500).
     Internal,
+    /// The fleet is not known yet: no state from the control plane (503).
+    NotReady,
 }
 
 impl RejectKind {
@@ -90,7 +92,14 @@ impl RejectKind {
             RejectKind::NoWorker => 503,
             RejectKind::Shed => 429,
             RejectKind::Internal => 500,
+            RejectKind::NotReady => 503,
         }
+    }
+
+    /// Whether the filter, not the request, is why it was not routed: the configured failure
+    /// mode then decides between this answer and forwarding it unrouted.
+    pub fn is_own_failure(self) -> bool {
+        matches!(self, RejectKind::Internal | RejectKind::NotReady)
     }
 }
 
@@ -363,7 +372,7 @@ impl Router {
                 }
                 None if self.state_ttl_ms.is_some() && self.state_heard_at_ms.is_none() => {
                     let message = "the fleet is not known yet (no state from the control plane)";
-                    return Err(Rejected::new(RejectKind::NoWorker, message, "ServiceUnavailableError"));
+                    return Err(Rejected::new(RejectKind::NotReady, message, "ServiceUnavailableError"));
                 }
                 None => {
                     let message = format!("The model `{model_name}` does not exist.");
