@@ -16,8 +16,8 @@ use kvmesh_core::{Role, RoutingConfig, WorkerId, WorkerState};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::explain;
 use crate::plane::Plane;
+use crate::{eds, explain};
 
 /// The OpenAPI 3 document of this API.
 pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
@@ -38,6 +38,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/policy"),
     ("GET", "/v1/index/stats"),
     ("POST", "/v1/explain"),
+    ("POST", eds::EDS_PATH),
 ];
 
 /// What handlers share.
@@ -64,6 +65,7 @@ pub fn router(plane: Arc<Plane>, token: Option<String>) -> Router {
         .route("/v1/policy", get(get_policy).put(put_policy))
         .route("/v1/index/stats", get(index_stats))
         .route("/v1/explain", post(explain_request))
+        .route(eds::EDS_PATH, post(discovery_endpoints))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
@@ -152,6 +154,17 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}
+
+/// Envoy's REST EDS poll ([`eds`]): the registered workers as each named cluster's endpoints.
+/// Read-only and open like the other reads: Envoy's REST subscription sends no credentials.
+async fn discovery_endpoints(State(s): State<AdminState>, body: Bytes) -> Response {
+    let request = match eds::parse_request(&body) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_discovery_request", e.to_string()),
+    };
+    let workers = s.plane.lock().fleet.workers(Instant::now());
+    Json(eds::response(&request, &workers)).into_response()
 }
 
 async fn workers(State(s): State<AdminState>) -> Response {

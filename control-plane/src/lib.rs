@@ -16,6 +16,7 @@ pub mod block_map;
 pub mod changes;
 pub mod cli;
 pub mod config;
+pub mod eds;
 pub mod error;
 pub mod explain;
 pub mod fleet_state;

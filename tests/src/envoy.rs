@@ -1,5 +1,6 @@
-//! Envoy as a test child: a generated bootstrap with the kvmesh Wasm filter in front of a static
-//! cluster that uses the override_host load-balancing policy (round robin when the host is unknown).
+//! Envoy as a test child: a generated bootstrap with the kvmesh Wasm filter in front of a cluster
+//! (static, or fed by the control plane's EDS) that uses the override_host load-balancing policy
+//! (round robin when the host is unknown).
 //! The config shapes are the measured ones in the Envoy/proxy-wasm facts page.
 
 use std::fmt::Write as _;
@@ -28,6 +29,9 @@ pub struct EnvoyConfig {
     pub control_plane_grpc_port: Option<u16>,
     /// Envoy worker threads (each runs its own filter VM).
     pub concurrency: u32,
+    /// The control plane's admin port: the `workers` cluster is then fed by EDS (xDS over REST,
+    /// polled every second) from there, and `upstream_ports` is not used.
+    pub workers_from_eds: Option<u16>,
 }
 
 impl EnvoyConfig {
@@ -42,6 +46,7 @@ impl EnvoyConfig {
             override_host_header: "x-kvmesh-worker".to_string(),
             control_plane_grpc_port: None,
             concurrency: 1,
+            workers_from_eds: None,
         }
     }
 
@@ -55,6 +60,39 @@ impl EnvoyConfig {
                 "        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}"
             );
         }
+        let (workers_source, eds_cluster) = match self.workers_from_eds {
+            None => (
+                format!(
+                    "    type: STATIC\n    load_assignment:\n      cluster_name: workers\n      endpoints:\n      - lb_endpoints:\n{endpoints}"
+                ),
+                String::new(),
+            ),
+            Some(admin_port) => (
+                r#"    type: EDS
+    eds_cluster_config:
+      eds_config:
+        resource_api_version: V3
+        api_config_source:
+          api_type: REST
+          transport_api_version: V3
+          cluster_names: [kvmesh_control_plane_admin]
+          refresh_delay: 1s
+          request_timeout: 1s
+"#
+                .to_string(),
+                format!(
+                    r#"  - name: kvmesh_control_plane_admin
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: kvmesh_control_plane_admin
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }} }}
+"#
+                ),
+            ),
+        };
         let (service, cp_cluster) = match self.control_plane_grpc_port {
             None => (String::new(), String::new()),
             Some(port) => (
@@ -94,8 +132,11 @@ impl EnvoyConfig {
                 ),
             ),
         };
+        // xDS subscriptions need the node's id and cluster.
+        let node =
+            if self.workers_from_eds.is_some() { "node: { id: kvmesh-test, cluster: kvmesh }\n" } else { "" };
         format!(
-            r#"{service}admin:
+            r#"{node}{service}admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
 static_resources:
   listeners:
@@ -140,13 +181,8 @@ static_resources:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
   - name: workers
-    type: STATIC
     connect_timeout: 1s
-    load_assignment:
-      cluster_name: workers
-      endpoints:
-      - lb_endpoints:
-{endpoints}    load_balancing_policy:
+{workers_source}    load_balancing_policy:
       policies:
       - typed_extension_config:
           name: envoy.load_balancing_policies.override_host
@@ -159,7 +195,7 @@ static_resources:
                   name: envoy.load_balancing_policies.round_robin
                   typed_config:
                     "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin
-{cp_cluster}"#,
+{cp_cluster}{eds_cluster}"#,
             admin = self.admin_port,
             listener = self.listener_port,
             wasm = yaml_string(&self.wasm.to_string_lossy()),

@@ -1,13 +1,14 @@
 //! The filter on the control plane's state, as deployed: nats-server, `kvmesh control-plane`, four
 //! `kvmesh sim` workers each with its `kvmesh agent`, and Envoy (two worker threads) with the filter
-//! and its singleton state service. No worker or tokenizer is in the filter's configuration: the
-//! fleet, the KV index and the model's files all come from the control plane.
+//! and its singleton state service. No worker or tokenizer is in the filter's configuration, and no
+//! worker in Envoy's: the fleet, the KV index and the model's files come from the control plane,
+//! and the worker cluster's members from its EDS (xDS over REST).
 //!
 //! Checks: (d) malformed and oversized bodies get JSON errors; (a) a prefix cached on one worker
 //! (sent to it directly, so only the engine's events can tell) is routed there, and the predicted
 //! overlap equals the engine's `cached_tokens`; (b) a hot prefix under concurrent load spreads
 //! instead of piling onto its worker; (e) a worker that dies stops receiving traffic, with no
-//! request failing meanwhile; (c) with the control plane stopped Envoy keeps serving, on load alone
+//! request failing meanwhile, and leaves Envoy's cluster; (c) with the control plane stopped Envoy keeps serving, on load alone
 //! once the state is older than its TTL, and says so in its metrics.
 
 use std::time::{Duration, Instant};
@@ -41,7 +42,9 @@ fn filter_routes_on_control_plane_state_and_survives_its_loss() {
         sims.iter().zip(ids).map(|(sim, id)| Some(Agent::start(id, sim, &nats.url(), namespace))).collect();
     cp.wait_for_workers(&ids);
 
-    let mut config = EnvoyConfig::new(sims.iter().map(|s| s.port).collect());
+    // No static members: the cluster learns the workers from the control plane's EDS.
+    let mut config = EnvoyConfig::new(Vec::new());
+    config.workers_from_eds = Some(cp.admin_port);
     config.plugin_config = format!(
         r#"{{"state":{{"ttl_ms":{STATE_TTL_MS}}},"max_body_bytes":{MAX_BODY_BYTES},"accuracy_sample_every":1}}"#
     );
@@ -133,8 +136,12 @@ fn filter_routes_on_control_plane_state_and_survives_its_loss() {
         assert_eq!(resp.status, 200, "request during the failover: {}", resp.message.body_text());
     }
     cp.wait_for_workers(&["sim-0", "sim-2", "sim-3"]);
-    std::thread::sleep(Duration::from_millis(300));
+    // The next EDS poll (every second) takes it out of Envoy's cluster.
+    wait_until("the dead worker left Envoy's cluster", Duration::from_secs(10), || {
+        !requests_per_worker(&envoy).contains_key(&dead_port)
+    });
     let before = requests_per_worker(&envoy);
+    assert_eq!(before.len(), 3, "the live workers stay members: {before:?}");
     for i in 0..12 {
         let resp = post_chat(envoy.port(), &chat(&system_prompt(&format!("topic{i}")), "Hi", 4));
         assert_eq!(resp.status, 200, "{}", resp.message.body_text());
