@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use kvmesh_core::PolicyKind;
 use kvmesh_core::tokenize::canonicalize;
-use kvmesh_core::{PolicyKind, RoutingConfig};
 
 use crate::stages::BLOCK_SIZE;
 use crate::workload::MODEL;
@@ -34,8 +34,9 @@ pub fn plugin_config(
     let mut extra =
         segment_cache_bytes.map(|b| format!(r#","segment_cache":{{"max_bytes":{b}}}"#)).unwrap_or_default();
     if let Some(policy) = policy {
-        let routing = RoutingConfig { policy, ..RoutingConfig::default() };
-        extra.push_str(&format!(r#","routing":{}"#, serde_json::to_string(&routing)?));
+        // Only the policy: a whole serialized `RoutingConfig` would name every field of this
+        // version, which an older `--baseline-module` refuses as unknown.
+        extra.push_str(&format!(r#","routing":{{"policy":"{}"}}"#, policy.name()));
     }
     Ok(format!(
         r#"{{"models":[{{"name":"{MODEL}","tokenizer":{},"tokenizer_config":{}}}],"workers":[{}]{extra}}}"#,

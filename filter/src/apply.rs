@@ -139,9 +139,19 @@ impl Router {
 
     fn apply_policies(&mut self, policies: &[pb::PolicyUpdate]) {
         for p in policies {
-            let policy = serde_json::from_str::<RoutingConfig>(&p.config_json)
+            // Leniently: a newer control plane may send settings this filter does not know yet.
+            let policy = RoutingConfig::from_json_lenient(&p.config_json)
                 .map_err(|e| e.to_string())
-                .and_then(|config| Policy::new(config).map_err(|e| e.to_string()));
+                .and_then(|(config, ignored)| {
+                    if !ignored.is_empty() {
+                        log::warn!(
+                            "kvmesh filter: policy of model {}: settings unknown to this filter version ignored: {}",
+                            p.model,
+                            ignored.join(", ")
+                        );
+                    }
+                    Policy::new(config).map_err(|e| e.to_string())
+                });
             match policy {
                 // The same settings again keep what the policy learnt.
                 Ok(policy)
@@ -388,5 +398,11 @@ mod tests {
         router.apply(&Body::Delta(pb::Delta { policies: bad, ..pb::Delta::default() }));
         let routed = router.route(Endpoint::Completions, PROMPT, 2, 0).expect("routed");
         assert_eq!(routed.policy, kvmesh_core::PolicyKind::RoundRobin);
+        // A newer control plane's setting this filter does not know is left out, not the policy.
+        let newer = r#"{"policy":"load-only","a_later_setting":true,"approx":{"ttl_ms":1000,"later":1}}"#;
+        let newer = vec![pb::PolicyUpdate { model: "m".into(), config_json: newer.into() }];
+        router.apply(&Body::Delta(pb::Delta { policies: newer, ..pb::Delta::default() }));
+        let routed = router.route(Endpoint::Completions, PROMPT, 3, 0).expect("routed");
+        assert_eq!(routed.policy, kvmesh_core::PolicyKind::LoadOnly);
     }
 }

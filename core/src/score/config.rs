@@ -187,6 +187,19 @@ pub(crate) fn check_positive(field: &'static str, value: u64) -> Result<(), Erro
 }
 
 impl RoutingConfig {
+    /// Reads a configuration another version may have written (the control plane's stream):
+    /// fields this version does not know are left out, and named in the second value, instead of
+    /// failing the whole policy as the strict read (an operator's file) does. During a rolling
+    /// upgrade a newer control plane's new setting is then ignored by older filters, not every
+    /// policy it sends. A known field with a bad value is still an error.
+    pub fn from_json_lenient(json: &str) -> Result<(RoutingConfig, Vec<String>), serde_json::Error> {
+        let mut value: serde_json::Value = serde_json::from_str(json)?;
+        let known = serde_json::to_value(RoutingConfig::default())?;
+        let mut ignored = Vec::new();
+        drop_unknown(&mut value, &known, "", &mut ignored);
+        Ok((serde_json::from_value(value)?, ignored))
+    }
+
     /// Checks every value's range; the error names the first offending field.
     pub fn validate(&self) -> Result<(), Error> {
         check_non_negative("weights.overlap_weight", self.weights.overlap_weight)?;
@@ -206,9 +219,56 @@ impl RoutingConfig {
     }
 }
 
+/// Removes from `value` the object keys `known` (the default configuration, serialized) lacks,
+/// recursing into nested settings; their dotted paths go to `ignored`.
+fn drop_unknown(
+    value: &mut serde_json::Value,
+    known: &serde_json::Value,
+    path: &str,
+    ignored: &mut Vec<String>,
+) {
+    let (serde_json::Value::Object(fields), serde_json::Value::Object(known)) = (value, known) else {
+        return;
+    };
+    fields.retain(|name, _| {
+        let keep = known.contains_key(name);
+        if !keep {
+            ignored.push(format!("{path}{name}"));
+        }
+        keep
+    });
+    for (name, field) in fields.iter_mut() {
+        if let Some(known) = known.get(name) {
+            drop_unknown(field, known, &format!("{path}{name}."), ignored);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_newer_writers_fields_are_left_out_of_a_lenient_read() {
+        let json = r#"{"policy":"approx-prefix","fallbacks":3,"from_the_future":1,
+                       "approx":{"ttl_ms":5000,"shard":"x"}}"#;
+        assert!(serde_json::from_str::<RoutingConfig>(json).is_err(), "the strict read refuses them");
+        let (config, ignored) = RoutingConfig::from_json_lenient(json).expect("read");
+        assert_eq!(ignored, ["from_the_future", "approx.shard"]);
+        assert_eq!(
+            (config.policy, config.fallbacks, config.approx.ttl_ms),
+            (PolicyKind::ApproxPrefix, 3, 5000)
+        );
+        assert_eq!(config.approx.max_blocks, defaults::APPROX_MAX_BLOCKS);
+        // What this version writes reads back whole, with nothing ignored.
+        let ours = RoutingConfig { temperature: 0.5, ..RoutingConfig::default() };
+        let (back, ignored) =
+            RoutingConfig::from_json_lenient(&serde_json::to_string(&ours).expect("writes")).expect("reads");
+        assert_eq!((back, ignored.len()), (ours, 0));
+        // A known field with a wrong value is still an error.
+        assert!(RoutingConfig::from_json_lenient(r#"{"policy":"nope"}"#).is_err());
+        assert!(RoutingConfig::from_json_lenient(r#"{"weights":{"overlap_weight":"high"}}"#).is_err());
+    }
 
     fn field_of(result: Result<(), Error>) -> &'static str {
         match result {
