@@ -176,7 +176,12 @@ pub fn post_chat(port: u16, body: &str) -> http::Response {
 
 /// Requests Envoy sent to each worker port, from the admin `/clusters` stats.
 pub fn requests_per_worker(envoy: &Envoy) -> HashMap<u16, u64> {
-    let resp = http::get(envoy.admin_port(), "/clusters").expect("GET /clusters");
+    requests_per_worker_at(envoy.admin_port())
+}
+
+/// [`requests_per_worker`] of the Envoy whose admin listens on `admin_port`.
+pub fn requests_per_worker_at(admin_port: u16) -> HashMap<u16, u64> {
+    let resp = http::get(admin_port, "/clusters").expect("GET /clusters");
     let text = resp.message.body_text();
     let mut out = HashMap::new();
     for line in text.lines() {

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
+use kvmesh_tests::fleet::{Agent, ControlPlane, Sim, chat, metric, post_chat, requests_per_worker_at};
 use kvmesh_tests::http::{self, EchoUpstream};
+use kvmesh_tests::nats::NatsServer;
 
 /// The version the filter stamps on responses (the workspace version; this crate shares it).
 const FILTER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -56,26 +58,26 @@ fn malformed_plugin_config_fails_envoy_start() {
     assert!(log.contains("invalid kvmesh filter configuration"), "the filter logs why; log:\n{log}");
 }
 
-/// `envoy/kvmesh.yaml` filled in as `envsubst` would, with these workers; written to `dir`.
-fn filled_template(
-    dir: &kvmesh_tests::TempDir,
+/// Ports `envoy/kvmesh.yaml` needs filled in.
+struct TemplatePorts {
     listen: u16,
     admin: u16,
-    workers: [u16; 2],
-) -> std::path::PathBuf {
+    control_plane_grpc: u16,
+    control_plane_admin: u16,
+}
+
+/// `envoy/kvmesh.yaml` filled in as `envsubst` would; written to `dir`.
+fn filled_template(dir: &kvmesh_tests::TempDir, ports: &TemplatePorts) -> std::path::PathBuf {
     let template_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/kvmesh.yaml");
     let template = std::fs::read_to_string(&template_path).expect("read envoy/kvmesh.yaml");
     let wasm = kvmesh_tests::filter_wasm();
     let values = [
-        ("KVMESH_LISTEN_PORT", listen.to_string()),
-        ("KVMESH_ADMIN_PORT", admin.to_string()),
+        ("KVMESH_LISTEN_PORT", ports.listen.to_string()),
+        ("KVMESH_ADMIN_PORT", ports.admin.to_string()),
         ("KVMESH_FILTER_WASM", wasm.display().to_string()),
         ("KVMESH_CONTROL_PLANE_IP", "127.0.0.1".to_string()),
-        ("KVMESH_CONTROL_PLANE_GRPC_PORT", kvmesh_tests::free_port().to_string()),
-        ("KVMESH_WORKER_0_IP", "127.0.0.1".to_string()),
-        ("KVMESH_WORKER_0_PORT", workers[0].to_string()),
-        ("KVMESH_WORKER_1_IP", "127.0.0.1".to_string()),
-        ("KVMESH_WORKER_1_PORT", workers[1].to_string()),
+        ("KVMESH_CONTROL_PLANE_GRPC_PORT", ports.control_plane_grpc.to_string()),
+        ("KVMESH_CONTROL_PLANE_ADMIN_PORT", ports.control_plane_admin.to_string()),
     ];
     let mut filled = template;
     for (name, value) in &values {
@@ -94,7 +96,14 @@ fn filled_template(
 #[test]
 fn standalone_bootstrap_template_is_valid() {
     let dir = kvmesh_tests::TempDir::new("envoy-validate");
-    let path = filled_template(&dir, kvmesh_tests::free_port(), kvmesh_tests::free_port(), [8001, 8002]);
+    let free = kvmesh_tests::free_port;
+    let ports = TemplatePorts {
+        listen: free(),
+        admin: free(),
+        control_plane_grpc: free(),
+        control_plane_admin: free(),
+    };
+    let path = filled_template(&dir, &ports);
     let out = std::process::Command::new(kvmesh_tests::envoy_binary())
         .args(["--mode", "validate", "--disable-hot-restart", "-c"])
         .arg(&path)
@@ -108,52 +117,68 @@ fn standalone_bootstrap_template_is_valid() {
     );
 }
 
-/// The template runs the filter on the two inference paths only; every other path goes round robin
-/// without it, and a client's own destination header is dropped there too.
+/// The template as deployed, with the control plane and two workers with their agents: the worker
+/// cluster learns its members from the control plane (EDS); the filter runs on the two inference
+/// paths only, and every other path goes round robin without it, a client's own destination
+/// header dropped there.
 #[test]
-fn standalone_bootstrap_skips_the_filter_off_inference_paths() {
-    let workers = [EchoUpstream::start(), EchoUpstream::start()];
-    let (listen, admin) = (kvmesh_tests::free_port(), kvmesh_tests::free_port());
+fn standalone_bootstrap_finds_its_workers_and_skips_the_filter_off_inference_paths() {
+    let nats = NatsServer::start();
+    let namespace = "template";
+    let mut sims: Vec<Sim> = (0..2).map(|i| Sim::start(i, 512)).collect();
+    for sim in &mut sims {
+        sim.wait_ready();
+    }
+    let cp = ControlPlane::start(&nats.url(), namespace);
+    let ids = ["sim-0", "sim-1"];
+    let _agents: Vec<Agent> =
+        sims.iter().zip(ids).map(|(sim, id)| Agent::start(id, sim, &nats.url(), namespace)).collect();
+    cp.wait_for_workers(&ids);
+
+    let free = kvmesh_tests::free_port;
+    let ports = TemplatePorts {
+        listen: free(),
+        admin: free(),
+        control_plane_grpc: cp.grpc_port,
+        control_plane_admin: cp.admin_port,
+    };
     let dir = kvmesh_tests::TempDir::new("envoy-template");
-    let path = filled_template(&dir, listen, admin, [workers[0].port(), workers[1].port()]);
+    let path = filled_template(&dir, &ports);
+    let (listen, admin) = (ports.listen, ports.admin);
     let mut cmd = std::process::Command::new(kvmesh_tests::envoy_binary());
     cmd.arg("-c").arg(&path).args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "info"]);
     let mut envoy = kvmesh_tests::Process::spawn_in(dir, "envoy", cmd);
     envoy.wait_ready("admin /ready answers 200", Duration::from_secs(60), || {
         kvmesh_tests::http_ok(admin, "/ready")
     });
+    // Nothing in the file names a worker: both came from the control plane.
+    let members = requests_per_worker_at(admin);
+    assert!(sims.iter().all(|s| members.contains_key(&s.port)), "cluster members: {members:?}");
 
-    // A client naming worker 1 itself on a non-inference path: ignored (round robin, header gone).
-    let chosen = format!("127.0.0.1:{}", workers[1].port());
+    // A client naming worker 1 itself on a non-inference path: ignored (round robin, header gone:
+    // override_host would follow it if it reached the cluster).
+    let chosen = format!("127.0.0.1:{}", sims[1].port);
     for _ in 0..4 {
         let resp =
             http::request(listen, "GET", "/v1/models", &[("x-gateway-destination-endpoint", &chosen)], None)
                 .expect("GET through Envoy");
         assert_eq!(resp.status, 200, "{}\n{}", resp.message.body_text(), envoy.log_text());
     }
-    let seen: Vec<usize> = workers.iter().map(|w| w.received().len()).collect();
+    let after = requests_per_worker_at(admin);
+    let seen: Vec<u64> = sims.iter().map(|s| after.get(&s.port).copied().unwrap_or(0)).collect();
     assert_eq!(seen, [2, 2], "round robin over both workers, not the client's pick");
-    for worker in &workers {
-        for request in worker.received() {
-            assert_eq!(
-                request.header("x-gateway-destination-endpoint"),
-                None,
-                "the client's header was forwarded"
-            );
-        }
-    }
-    // The filter never saw those requests; it does see an inference request. With no control
-    // plane here it has no state, so it fails open (the template's default): the request goes on
-    // unrouted, to the cluster's round robin, and counts as a fallback.
     let stats = http::get(admin, "/stats/prometheus").expect("admin stats").message.body_text();
-    let passed = kvmesh_tests::fleet::metric(&stats, "kvmesh_filter_passthrough_total").unwrap_or(0);
+    let passed = metric(&stats, "kvmesh_filter_passthrough_total").unwrap_or(0);
     assert_eq!(passed, 0, "the filter ran on GET /v1/models");
-    let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-    let resp = http::post(listen, "/v1/chat/completions", &[("content-type", "application/json")], body)
-        .expect("POST through Envoy");
-    assert_eq!(resp.status, 200, "{}", resp.message.body_text());
-    assert_eq!(resp.body(), body, "an echo upstream answered");
+
+    // An inference request is routed by the filter once its VM has the model from the control plane.
+    kvmesh_tests::wait_until("the filter VM loaded the model", Duration::from_secs(60), || {
+        let stats = http::get(admin, "/stats/prometheus").map(|r| r.message.body_text()).unwrap_or_default();
+        metric(&stats, "kvmesh_filter_model_loads_total").unwrap_or(0) >= 1
+    });
+    let resp = post_chat(listen, &chat("You are terse.", "Say hi.", 4));
+    assert_eq!(resp.status, 200, "{}\n{}", resp.message.body_text(), envoy.log_text());
     let stats = http::get(admin, "/stats/prometheus").expect("admin stats").message.body_text();
-    assert_eq!(kvmesh_tests::fleet::metric(&stats, "kvmesh_filter_fallbacks_total"), Some(1), "{stats}");
+    assert_eq!(metric(&stats, "kvmesh_filter_decisions_routed_total"), Some(1), "{stats}");
     envoy.kill();
 }
