@@ -163,7 +163,7 @@ async fn discovery_endpoints(State(s): State<AdminState>, body: Bytes) -> Respon
         Ok(request) => request,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_discovery_request", e.to_string()),
     };
-    let workers = s.plane.lock().fleet.workers(Instant::now());
+    let workers = s.plane.lock().fleet.registered_addresses();
     Json(eds::response(&request, &workers)).into_response()
 }
 

@@ -11,7 +11,6 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::fleet_state::WorkerView;
 use kvmesh_core::WorkerState;
 
 /// Where Envoy's REST EDS subscription posts (the xDS v3 REST endpoint for endpoints).
@@ -59,27 +58,25 @@ pub fn parse_request(body: &[u8]) -> Result<DiscoveryRequest, EdsError> {
     Ok(request)
 }
 
-/// One worker as an Envoy endpoint: its `ip:port` split (IPv6 in brackets), and its health.
-fn endpoint(worker: &WorkerView) -> Option<(String, u16, &'static str)> {
-    if !worker.registered {
-        return None;
-    }
-    let address = worker.address.as_deref()?;
+/// One registered worker as an Envoy endpoint: its `ip:port` split (IPv6 in brackets), and its
+/// health; `None` for an address that is not `ip:port`.
+fn endpoint((address, state): &(String, WorkerState)) -> Option<(String, u16, &'static str)> {
     let (host, port) = address.rsplit_once(':')?;
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     // EDS endpoints are addresses, never names to resolve.
     let ip: std::net::IpAddr = host.parse().ok()?;
     let port: u16 = port.parse().ok()?;
-    let health = match worker.state {
+    let health = match state {
         WorkerState::Ready => "HEALTHY",
         WorkerState::Cordoned | WorkerState::Draining => "DRAINING",
     };
     Some((ip.to_string(), port, health))
 }
 
-/// The `DiscoveryResponse` for `request` over `workers`: one assignment per named cluster. Its
-/// version is a hash of the endpoints, so an unchanged fleet answers the same version.
-pub fn response(request: &DiscoveryRequest, workers: &[WorkerView]) -> Value {
+/// The `DiscoveryResponse` for `request` over the registered `workers` (address as registered,
+/// state; [`crate::fleet_state::FleetState::registered_addresses`]): one assignment per named
+/// cluster. Its version is a hash of the endpoints, so an unchanged fleet answers the same version.
+pub fn response(request: &DiscoveryRequest, workers: &[(String, WorkerState)]) -> Value {
     let mut endpoints: Vec<(String, u16, &str)> = workers.iter().filter_map(endpoint).collect();
     endpoints.sort_unstable();
     endpoints.dedup();
@@ -114,40 +111,19 @@ pub fn response(request: &DiscoveryRequest, workers: &[WorkerView]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvmesh_core::{Role, WorkerLoad};
 
-    fn worker(id: &str, address: Option<&str>, registered: bool, state: WorkerState) -> WorkerView {
-        WorkerView {
-            id: id.to_owned(),
-            registered,
-            address: address.map(str::to_owned),
-            model: Some("m".to_owned()),
-            engine: None,
-            role: Role::default(),
-            role_override: None,
-            state,
-            block_size: Some(16),
-            tokenizer_id: None,
-            lora_adapters: Vec::new(),
-            handle: None,
-            epoch: None,
-            kv_seq: 0,
-            resyncing: false,
-            blocks: 0,
-            load: WorkerLoad::default(),
-            last_seen_ms: 0,
-            ttl_ms: 0,
-        }
+    fn worker(address: &str, state: WorkerState) -> (String, WorkerState) {
+        (address.to_owned(), state)
     }
 
     #[test]
     fn registered_workers_become_endpoints_of_every_named_cluster() {
         let workers = [
-            worker("a", Some("10.0.0.2:8000"), true, WorkerState::Ready),
-            worker("b", Some("[fd00::1]:8001"), true, WorkerState::Draining),
-            worker("gone", Some("10.0.0.3:8000"), false, WorkerState::Ready),
-            worker("named", Some("vllm-0.svc:8000"), true, WorkerState::Ready),
-            worker("bare", None, true, WorkerState::Ready),
+            worker("10.0.0.2:8000", WorkerState::Ready),
+            worker("[fd00::1]:8001", WorkerState::Draining),
+            worker("vllm-0.svc:8000", WorkerState::Ready),
+            worker("10.0.0.4", WorkerState::Ready),
+            worker("10.0.0.2:8000", WorkerState::Ready),
         ];
         let request = parse_request(
             br#"{"node":{"id":"envoy"},"version_info":"x","resource_names":["workers"],"type_url":"type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"}"#,
@@ -173,20 +149,21 @@ mod tests {
         assert_eq!(
             got,
             [("10.0.0.2".into(), 8000, "HEALTHY".into()), ("fd00::1".into(), 8001, "DRAINING".into())],
-            "expired, unaddressed and DNS-named workers are left out"
+            "names and portless addresses are left out, a repeated address counted once"
         );
     }
 
     #[test]
     fn the_version_follows_the_endpoints_only() {
         let request = DiscoveryRequest { resource_names: vec!["workers".into()], type_url: String::new() };
-        let one = [worker("a", Some("10.0.0.2:8000"), true, WorkerState::Ready)];
+        let one = [worker("10.0.0.2:8000", WorkerState::Ready), worker("10.0.0.3:8000", WorkerState::Ready)];
+        let version = |w: &[(String, WorkerState)]| {
+            response(&request, w)["version_info"].as_str().unwrap_or_default().to_owned()
+        };
+        let reordered = [one[1].clone(), one[0].clone()];
+        assert_eq!(version(&one), version(&reordered), "the registry's order does not matter");
         let mut other = one.clone();
-        other[0].blocks = 99;
-        let version =
-            |w: &[WorkerView]| response(&request, w)["version_info"].as_str().unwrap_or_default().to_owned();
-        assert_eq!(version(&one), version(&other), "blocks and load do not change the endpoints");
-        other[0].state = WorkerState::Cordoned;
+        other[0].1 = WorkerState::Cordoned;
         assert_ne!(version(&one), version(&other));
         assert_ne!(version(&one), version(&[]));
     }

@@ -935,6 +935,16 @@ impl FleetState {
         self.changes.policy(model, policy_json(&config), now);
     }
 
+    /// Where every registered worker is reached (`ip:port` as registered) and its state: what
+    /// Envoy's endpoint discovery needs, without building the admin API's full view per poll.
+    pub fn registered_addresses(&self) -> Vec<(String, WorkerState)> {
+        self.records
+            .values()
+            .filter(|r| r.slot.is_some())
+            .filter_map(|r| r.registration.as_ref().map(|g| (g.address.clone(), r.state)))
+            .collect()
+    }
+
     /// Every known worker, for the admin API.
     pub fn workers(&self, now: Instant) -> Vec<WorkerView> {
         let default_ttl = self.settings.default_ttl;
