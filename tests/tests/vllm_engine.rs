@@ -33,8 +33,6 @@ use serde_json::Value;
 const SERVE_READY: Duration = Duration::from_secs(VLLM_READY_TIMEOUT.as_secs() + 120);
 /// How long the control plane may lag the engine's events after a request returned.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long the filter's state may lag the control plane's index (one stream update).
-const STREAM_LAG: Duration = Duration::from_millis(500);
 /// The agents' heartbeat TTL (`kvmesh agent --ttl`'s default): a dead engine's worker expires then.
 const TTL: Duration = Duration::from_secs(6);
 
@@ -203,6 +201,24 @@ impl Serve {
         (usage, went_to[0])
     }
 
+    /// Waits until the filter has applied two more state deltas than now: everything the control
+    /// plane had indexed when this was called has then reached it (deltas carry changes in order,
+    /// and load reports keep them coming). A fixed sleep was not always enough on a 2-core machine
+    /// whose cores vLLM keeps busy.
+    fn wait_filter_caught_up(&self) {
+        let name = "kvmesh_filter_state_deltas_applied_total";
+        let from = self.envoy_counter(name);
+        wait_until("the filter applied the control plane's latest deltas", Duration::from_secs(20), || {
+            self.envoy_counter(name) >= from + 2
+        });
+    }
+
+    /// The filter's counters that say a request was not routed on the full state, for messages.
+    fn degraded_routes(&self) -> String {
+        let names = ["stale_state_routes_total", "fallbacks_total", "untokenized_routes_total"];
+        names.map(|n| format!("{n} {}", self.envoy_counter(&format!("kvmesh_filter_{n}")))).join(", ")
+    }
+
     /// Envoy's Prometheus counter `name` (0 when absent).
     fn envoy_counter(&self, name: &str) -> u64 {
         let text = http::get(self.envoy_admin_port, "/stats/prometheus")
@@ -324,7 +340,7 @@ fn serve_routes_real_vllm_engines_through_envoy() {
     let first = post_chat(port0, &chat("astronomy", "What is a comet?"));
     assert_eq!(first.cached_tokens, 0, "a fresh engine had tokens cached");
     serve.wait_synced(w0, &witness0);
-    std::thread::sleep(STREAM_LAG);
+    serve.wait_filter_caught_up();
     let probe = chat("astronomy", "And an asteroid?");
     let explained = serve.explain(&probe);
     assert_eq!(explained.block_size, u64::from(BLOCK_SIZE), "{}", explained.text);
@@ -333,7 +349,12 @@ fn serve_routes_real_vllm_engines_through_envoy() {
     let overlap = explained.overlaps[w0];
     let (usage, went_to) = serve.chat_through_envoy(&probe);
     through_envoy += 1;
-    assert_eq!(went_to, port0, "Envoy sent the astronomy prefix to {went_to}, not {w0} ({port0})");
+    assert_eq!(
+        went_to,
+        port0,
+        "Envoy sent the astronomy prefix to {went_to}, not {w0} ({port0}); filter: {}",
+        serve.degraded_routes()
+    );
     assert_eq!(usage.prompt_tokens, explained.prompt_tokens, "kvmesh and vLLM tokenized differently");
     assert_eq!(
         usage.cached_tokens,
@@ -367,7 +388,7 @@ fn serve_routes_real_vllm_engines_through_envoy() {
     for topic in fill0.iter().rev().chain(&["astronomy"]).chain(fill1.iter().rev()) {
         serve.wait_synced(w0, &witness0);
         serve.wait_synced(w1, &witness1);
-        std::thread::sleep(STREAM_LAG);
+        serve.wait_filter_caught_up();
         let body = chat(topic, "Probe?");
         let explained = serve.explain(&body);
         let (usage, went_to) = serve.chat_through_envoy(&body);
@@ -376,8 +397,10 @@ fn serve_routes_real_vllm_engines_through_envoy() {
         let overlap = explained.overlaps.get(id).copied().unwrap_or(0);
         let best = explained.overlaps.values().copied().max().unwrap_or(0);
         assert_eq!(
-            overlap, best,
-            "{topic} went to {id}, not to the engine holding most of it: {}",
+            overlap,
+            best,
+            "{topic} went to {id}, not to the engine holding most of it (filter: {}): {}",
+            serve.degraded_routes(),
             explained.text
         );
         assert_eq!(usage.prompt_tokens, explained.prompt_tokens, "{}", explained.text);
