@@ -132,9 +132,7 @@ impl KvmeshHttp {
                     self.context_id,
                     rejected.kind.status()
                 );
-                self.state.metrics.fallback();
-                self.phase = Phase::Passed;
-                Action::Continue
+                self.pass_unrouted()
             }
             Err(rejected) => {
                 self.state.metrics.rejected(rejected.kind, micros);
@@ -143,15 +141,19 @@ impl KvmeshHttp {
         }
     }
 
+    /// Forwards the request without a destination (the cluster's own policy picks), counted as a
+    /// fallback.
+    fn pass_unrouted(&mut self) -> Action {
+        self.state.metrics.fallback();
+        self.phase = Phase::Passed;
+        Action::Continue
+    }
+
     /// The filter cannot do its work on this request (`why`, for the answer): per the failure
     /// mode, forwarded without a destination (the cluster's own policy picks), or answered 500.
     fn fail(&mut self, why: &str) -> Action {
         match self.state.failure_mode {
-            FailureMode::FailOpen => {
-                self.state.metrics.fallback();
-                self.phase = Phase::Passed;
-                Action::Continue
-            }
+            FailureMode::FailOpen => self.pass_unrouted(),
             FailureMode::FailClosed => {
                 let body = openai_error_body(why, "InternalServerError", None, 500);
                 self.state.metrics.rejected(RejectKind::Internal, 0);
