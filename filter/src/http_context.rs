@@ -17,14 +17,7 @@ use crate::accuracy::AccuracyMetrics;
 use crate::config::FailureMode;
 use crate::metrics::Metrics;
 use crate::router::{RejectKind, Rejected, Routed, Router};
-
-/// Response header the filter adds to every response when `response_header` is on.
-pub const FILTER_HEADER: &str = "x-kvmesh-filter";
-/// The value of [`FILTER_HEADER`]: this crate's version.
-pub const FILTER_VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The Gateway API Inference Extension's header naming the chosen endpoint(s), `ip:port[,…]`; the
-/// cluster's override_host load-balancing policy reads it.
-pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+use crate::{DESTINATION_HEADER, FILTER_HEADER, FILTER_VERSION};
 
 /// One VM's state, shared by its root context and every HTTP context (a VM is single-threaded).
 pub(crate) struct VmState {

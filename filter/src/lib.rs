@@ -15,30 +15,44 @@
 //! What it must never do: panic (a panic kills the VM), or touch a header after it was forwarded
 //! (proxy-wasm 0.2.5's trait methods panic on the host's error; only `hostcalls` are used).
 //!
-//! The same code builds natively (rlib) so clippy and unit tests cover it; only the wasm32 build is
-//! loaded by Envoy.
+//! The routing logic ([`router`], [`relay`], the configuration) also builds natively (rlib), for
+//! unit tests and the benchmarks; the proxy-wasm host glue (the contexts, metrics, the state
+//! service) builds only for wasm32, so a native build links no proxy-wasm host call (clippy checks
+//! the glue with `--target wasm32-wasip1`, `make lint`).
 
+#[cfg(target_arch = "wasm32")]
 mod accuracy;
 mod apply;
 mod config;
+#[cfg(target_arch = "wasm32")]
 mod http_context;
+#[cfg(target_arch = "wasm32")]
 mod metrics;
 pub mod relay;
+#[cfg(target_arch = "wasm32")]
 mod root_context;
 pub mod router;
+#[cfg(target_arch = "wasm32")]
 mod service;
 
-pub use config::{ControlPlaneConfig, Error, FilterConfig, ModelConfig, SegmentCache, StateConfig};
-pub use http_context::{DESTINATION_HEADER, FILTER_HEADER, FILTER_VERSION};
+pub use config::{
+    ControlPlaneConfig, Error, FailureMode, FilterConfig, ModelConfig, SegmentCache, StateConfig,
+};
 
-use proxy_wasm::traits::RootContext;
-use proxy_wasm::types::LogLevel;
+/// Response header the filter adds to every response when `response_header` is on.
+pub const FILTER_HEADER: &str = "x-kvmesh-filter";
+/// The value of [`FILTER_HEADER`]: this crate's version.
+pub const FILTER_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The Gateway API Inference Extension's header naming the chosen endpoint(s), `ip:port[,…]`; the
+/// cluster's override_host load-balancing policy reads it.
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 
+#[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
     // Info keeps the per-request path free of log host calls; per-request detail is at debug, so
     // raise this (and Envoy's `--component-log-level wasm:debug`) when debugging the filter.
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_context_id| -> Box<dyn RootContext> {
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
         Box::new(root_context::KvmeshRoot::default())
     });
 }}
