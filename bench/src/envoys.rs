@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -45,16 +45,21 @@ pub enum Target {
     /// here, so its own recent decisions (optimistic entries) are what it matches, and early exit
     /// stops exact tokenizing at the first block they do not hold.
     FilterKvAware,
+    /// The kv-aware filter's request path built natively as an Envoy dynamic module
+    /// (`bench/dynmod`, `libkvmesh_dynmod.so`) with the same plugin configuration: what the
+    /// decision costs without the Wasm machinery.
+    NativeKvAware,
 }
 
 impl Target {
     /// Every target, in report order.
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Plain,
         Target::Filter,
         Target::FilterNoSegmentCache,
         Target::FilterPassthrough,
         Target::FilterKvAware,
+        Target::NativeKvAware,
     ];
 
     /// Its name on the command line and in the tables.
@@ -65,6 +70,7 @@ impl Target {
             Target::FilterNoSegmentCache => "filter-no-segment-cache",
             Target::FilterPassthrough => "filter-passthrough",
             Target::FilterKvAware => "filter-kv-aware",
+            Target::NativeKvAware => "native-kv-aware",
         }
     }
 
@@ -75,12 +81,15 @@ impl Target {
 
     /// Whether the filter makes routing decisions here (so its decision metrics count).
     pub fn routes(self) -> bool {
-        matches!(self, Target::Filter | Target::FilterNoSegmentCache | Target::FilterKvAware)
+        matches!(
+            self,
+            Target::Filter | Target::FilterNoSegmentCache | Target::FilterKvAware | Target::NativeKvAware
+        )
     }
 
-    /// Whether this target loads the filter module.
+    /// Whether this target loads the filter's Wasm module.
     pub fn has_module(self) -> bool {
-        self != Target::Plain
+        !matches!(self, Target::Plain | Target::NativeKvAware)
     }
 
     /// The bootstrap of this target in front of `upstream_ports`, loading `module` instead of the
@@ -99,6 +108,12 @@ impl Target {
             Target::FilterNoSegmentCache => filter(plugin_config(upstream_ports, Some(0), None)?),
             Target::FilterKvAware => filter(plugin_config(upstream_ports, None, Some(PolicyKind::KvAware))?),
             Target::FilterPassthrough => filter("{}".to_owned()),
+            Target::NativeKvAware => {
+                let plugin = plugin_config(upstream_ports, None, Some(PolicyKind::KvAware))?;
+                let mut config = filter_config(admin, listener, upstream_ports, plugin, None);
+                config.dynamic_module = Some(dynamic_module()?);
+                with_flush(&config)
+            }
         })
     }
 }
@@ -205,6 +220,21 @@ static_resources:
     )
 }
 
+/// Where `cargo build --release -p kvmesh-dynmod` puts the dynamic module (or `KVMESH_DYNMOD`).
+pub fn dynamic_module() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KVMESH_DYNMOD") {
+        return Ok(PathBuf::from(path));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| kvmesh_tests::cache_dir().join("target"));
+    let path = target.join("release/libkvmesh_dynmod.so");
+    if !path.is_file() {
+        bail!("{} not found: run `cargo build --release -p kvmesh-dynmod`", path.display());
+    }
+    Ok(path)
+}
+
 /// Envoy with the filter: the integration tests' bootstrap (`EnvoyConfig::to_yaml`), plus a shorter
 /// stats flush interval so the decision-time histogram can be read per phase.
 pub fn filter_yaml(
@@ -214,6 +244,17 @@ pub fn filter_yaml(
     plugin_config: String,
     module: Option<&Path>,
 ) -> String {
+    with_flush(&filter_config(admin, listener, upstream_ports, plugin_config, module))
+}
+
+/// The integration tests' bootstrap for the benchmark's ports, header and module.
+fn filter_config(
+    admin: u16,
+    listener: u16,
+    upstream_ports: &[u16],
+    plugin_config: String,
+    module: Option<&Path>,
+) -> EnvoyConfig {
     // `new` fills what the benchmark does not set (the module from `make wasm`, one worker thread).
     let mut config = EnvoyConfig::new(upstream_ports.to_vec());
     if let Some(module) = module {
@@ -223,6 +264,11 @@ pub fn filter_yaml(
     config.admin_port = admin;
     config.plugin_config = plugin_config;
     config.override_host_header = DESTINATION_HEADER.to_owned();
+    config
+}
+
+/// `config`'s bootstrap with [`STATS_FLUSH`].
+fn with_flush(config: &EnvoyConfig) -> String {
     format!("stats_flush_interval: {}s\n{}", STATS_FLUSH.as_secs(), config.to_yaml())
 }
 
@@ -317,7 +363,7 @@ impl RunningEnvoy {
         process_cpu(&format!("/proc/{}/stat", self.process.pid())).unwrap_or_default()
     }
 
-    /// The filter's counters from `/stats` (names without the `wasmcustom.` prefix).
+    /// The filter's counters from `/stats` (names without their namespace prefix).
     pub fn filter_counters(&self) -> Result<HashMap<String, u64>> {
         let resp = http::get(self.admin, "/stats?filter=kvmesh_filter")
             .with_context(|| format!("{}: GET /stats", self.name))?;
@@ -326,7 +372,9 @@ impl RunningEnvoy {
             if let Some((name, value)) = line.split_once(": ")
                 && let Ok(value) = value.trim().parse::<u64>()
             {
-                out.insert(name.trim_start_matches("wasmcustom.").to_owned(), value);
+                // `wasmcustom.` (Wasm) or `dynamicmodulescustom.` (the dynamic module) before the name.
+                let name = name.rsplit_once('.').map_or(name, |(_, name)| name);
+                out.insert(name.to_owned(), value);
             }
         }
         Ok(out)

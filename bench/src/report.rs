@@ -88,10 +88,12 @@ fn summary(out: &mut String, report: &Report) {
     );
     let _ = writeln!(
         out,
-        "| workload | tokens | C | plain | filter | no segment cache | module only | kv-aware | decision: filter / no segment cache / kv-aware | \
-         CPU per request: plain / filter / no segment cache / module only / kv-aware | req/s: plain / filter / no segment cache / module only / kv-aware |"
+        "| workload | tokens | C | plain | filter | no segment cache | module only | kv-aware | native kv-aware | \
+         decision: filter / no segment cache / kv-aware / native kv-aware | \
+         CPU per request: plain / filter / no segment cache / module only / kv-aware / native kv-aware | \
+         req/s: plain / filter / no segment cache / module only / kv-aware / native kv-aware |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (workload, _) in &report.workloads {
         let mut concurrencies: Vec<usize> =
             report.rows.iter().filter(|r| &r.workload == workload).map(|r| r.connections).collect();
@@ -116,18 +118,20 @@ fn summary(out: &mut String, report: &Report) {
             let each = |f: &dyn Fn(&Row) -> String| {
                 Target::ALL.map(|t| row(report, workload, c, t).map_or_else(|| "-".to_owned(), f)).join(" / ")
             };
-            let decision = [Target::Filter, Target::FilterNoSegmentCache, Target::FilterKvAware]
-                .map(|t| opt(row(report, workload, c, t).and_then(|r| r.decision_mean_us)))
-                .join(" / ");
+            let decision =
+                [Target::Filter, Target::FilterNoSegmentCache, Target::FilterKvAware, Target::NativeKvAware]
+                    .map(|t| opt(row(report, workload, c, t).and_then(|r| r.decision_mean_us)))
+                    .join(" / ");
             let _ = writeln!(
                 out,
-                "| {workload} | {} | {c} | {} | {} | {} | {} | {} | {decision} | {} | {} |",
+                "| {workload} | {} | {c} | {} | {} | {} | {} | {} | {} | {decision} | {} | {} |",
                 tokens(report, workload),
                 latency(Target::Plain),
                 latency(Target::Filter),
                 latency(Target::FilterNoSegmentCache),
                 latency(Target::FilterPassthrough),
                 latency(Target::FilterKvAware),
+                latency(Target::NativeKvAware),
                 each(&|r| format!("{:.0}", r.envoy_cpu_per_request_us)),
                 each(&|r| format!("{:.0}", r.rps)),
             );
@@ -359,6 +363,8 @@ fn workloads(out: &mut String, report: &Report) {
          `filter-passthrough` (\"module only\": the module with an empty configuration, so it routes \
          nothing and every request passes after the header callback), `filter-kv-aware` (the `filter` \
          configuration with the kv-aware policy: no fleet index here, so it matches its own recent \
-         decisions, and early exit stops exact tokenizing at the first block they do not hold)."
+         decisions, and early exit stops exact tokenizing at the first block they do not hold), \
+         `native-kv-aware` (the kv-aware filter's request path built natively as an Envoy dynamic \
+         module, `bench/dynmod`: the same router and configuration without the Wasm machinery)."
     );
 }

@@ -1,6 +1,6 @@
-//! Envoy as a test child: a generated bootstrap with the kvmesh Wasm filter in front of a cluster
-//! (static, or fed by the control plane's EDS) that uses the override_host load-balancing policy
-//! (round robin when the host is unknown).
+//! Envoy as a test child: a generated bootstrap with the kvmesh Wasm filter (or its request path as
+//! a native dynamic module) in front of a cluster (static, or fed by the control plane's EDS) that
+//! uses the override_host load-balancing policy (round robin when the host is unknown).
 //! The config shapes are the measured ones in the Envoy/proxy-wasm facts page.
 
 use std::fmt::Write as _;
@@ -32,6 +32,9 @@ pub struct EnvoyConfig {
     /// The control plane's admin port: the `workers` cluster is then fed by EDS (xDS over REST,
     /// polled every second) from there, and `upstream_ports` is not used.
     pub workers_from_eds: Option<u16>,
+    /// The filter's request path as a native Envoy dynamic module (this `.so`, `bench/dynmod`) in
+    /// place of the Wasm module: static workers only (the state service is Wasm).
+    pub dynamic_module: Option<PathBuf>,
 }
 
 impl EnvoyConfig {
@@ -47,6 +50,7 @@ impl EnvoyConfig {
             control_plane_grpc_port: None,
             concurrency: 1,
             workers_from_eds: None,
+            dynamic_module: None,
         }
     }
 
@@ -132,6 +136,44 @@ impl EnvoyConfig {
                 ),
             ),
         };
+        let filter = match &self.dynamic_module {
+            None => format!(
+                r#"          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: kvmesh
+                root_id: ""
+                vm_config:
+                  vm_id: kvmesh
+                  # The PyPI Envoy build has V8 only; other runtimes fail the plugin load.
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: {wasm} }} }}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {plugin_config}
+                # Required for routing on the body: without it a paused request hangs.
+                allow_on_headers_stop_iteration: true
+"#,
+                wasm = yaml_string(&self.wasm.to_string_lossy()),
+                plugin_config = yaml_string(&self.plugin_config),
+            ),
+            Some(module) => format!(
+                r#"          - name: envoy.filters.http.dynamic_modules
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config:
+                module: {{ local: {{ filename: {module} }} }}
+                do_not_close: true
+              filter_name: kvmesh
+              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: {plugin_config}
+"#,
+                module = yaml_string(&module.to_string_lossy()),
+                plugin_config = yaml_string(&self.plugin_config),
+            ),
+        };
         // xDS subscriptions need the node's id and cluster.
         let node =
             if self.workers_from_eds.is_some() { "node: { id: kvmesh-test, cluster: kvmesh }\n" } else { "" };
@@ -160,23 +202,7 @@ static_resources:
                   # A refused connection moves on to the next host of the override list.
                   retry_policy: {{ retry_on: "connect-failure,refused-stream,reset", num_retries: 2 }}
           http_filters:
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: kvmesh
-                root_id: ""
-                vm_config:
-                  vm_id: kvmesh
-                  # The PyPI Envoy build has V8 only; other runtimes fail the plugin load.
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{ local: {{ filename: {wasm} }} }}
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {plugin_config}
-                # Required for routing on the body: without it a paused request hangs.
-                allow_on_headers_stop_iteration: true
-          - name: envoy.filters.http.router
+{filter}          - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
@@ -198,8 +224,6 @@ static_resources:
 {cp_cluster}{eds_cluster}"#,
             admin = self.admin_port,
             listener = self.listener_port,
-            wasm = yaml_string(&self.wasm.to_string_lossy()),
-            plugin_config = yaml_string(&self.plugin_config),
             header = yaml_string(&self.override_host_header),
         )
     }

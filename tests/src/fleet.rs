@@ -196,6 +196,30 @@ pub fn requests_per_worker_at(admin_port: u16) -> HashMap<u16, u64> {
     out
 }
 
+/// A filter plugin configuration with `sims` as static workers and the model's Qwen3 tokenizer
+/// files embedded as JSON, bodies limited to `max_body_bytes`.
+pub fn static_plugin_config(sims: &[Sim], max_body_bytes: usize) -> String {
+    let dir = tokenizer_dir("qwen3");
+    let read =
+        |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
+    let workers: Vec<String> = sims
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                r#"{{"id":"sim-{i}","address":"127.0.0.1:{}","model":"{MODEL}","block_size":{BLOCK_SIZE}}}"#,
+                s.port
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"max_body_bytes":{max_body_bytes},"models":[{{"name":"{MODEL}","tokenizer":{},"tokenizer_config":{}}}],"workers":[{}]}}"#,
+        read("tokenizer.json"),
+        read("tokenizer_config.json"),
+        workers.join(",")
+    )
+}
+
 /// Envoy's Prometheus stats text.
 pub fn prometheus(envoy: &Envoy) -> String {
     http::get(envoy.admin_port(), "/stats/prometheus").expect("GET /stats/prometheus").message.body_text()

@@ -147,6 +147,18 @@ pub fn filter_wasm() -> PathBuf {
     )
 }
 
+/// The filter's request path as an Envoy dynamic module (`bench/dynmod`), as `make test` builds it
+/// (`$KVMESH_DYNMOD`, else the default target dir's debug build).
+pub fn filter_dynamic_module() -> PathBuf {
+    let target = env_path("CARGO_TARGET_DIR").unwrap_or_else(|| cache_dir().join("target"));
+    locate(
+        "KVMESH_DYNMOD",
+        "the dynamic module libkvmesh_dynmod.so",
+        &[target.join("debug/libkvmesh_dynmod.so")],
+        "run `cargo build -p kvmesh-dynmod` (`make test` does it first)",
+    )
+}
+
 /// The tokenizer directory of `model` (`qwen3`, `llama3_1`) with its `tokenizer.json`.
 pub fn tokenizer_dir(model: &str) -> PathBuf {
     let root = env_path("KVMESH_TOKENIZERS").unwrap_or_else(|| cache_dir().join("tokenizers"));

@@ -6,37 +6,14 @@
 
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
 use kvmesh_tests::fleet::{
-    BLOCK_SIZE, MODEL, Sim, cached_tokens, metric, prometheus, requests_per_worker, system_prompt,
+    MODEL, Sim, cached_tokens, metric, prometheus, requests_per_worker, static_plugin_config, system_prompt,
 };
-use kvmesh_tests::{http, tokenizer_dir};
+use kvmesh_tests::http;
 
 /// The filter's body limit here: below Envoy's 1 MiB buffer limit, so the filter answers the 413.
 const MAX_BODY_BYTES: usize = 256 * 1024;
 /// The header the filter writes and the cluster's override_host policy reads.
 const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
-
-/// The plugin configuration: the 4 workers and the model with its tokenizer files embedded as JSON.
-fn plugin_config(sims: &[Sim]) -> String {
-    let dir = tokenizer_dir("qwen3");
-    let read =
-        |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
-    let workers: Vec<String> = sims
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            format!(
-                r#"{{"id":"sim-{i}","address":"127.0.0.1:{}","model":"{MODEL}","block_size":{BLOCK_SIZE}}}"#,
-                s.port
-            )
-        })
-        .collect();
-    format!(
-        r#"{{"max_body_bytes":{MAX_BODY_BYTES},"models":[{{"name":"{MODEL}","tokenizer":{},"tokenizer_config":{}}}],"workers":[{}]}}"#,
-        read("tokenizer.json"),
-        read("tokenizer_config.json"),
-        workers.join(",")
-    )
-}
 
 /// A chat body with the short answer this test asks for.
 fn chat(system: &str, user: &str) -> String {
@@ -54,7 +31,7 @@ fn filter_routes_on_cached_prefix_and_answers_errors() {
         sim.wait_ready();
     }
     let mut config = EnvoyConfig::new(sims.iter().map(|s| s.port).collect());
-    config.plugin_config = plugin_config(&sims);
+    config.plugin_config = static_plugin_config(&sims, MAX_BODY_BYTES);
     config.override_host_header = DESTINATION_HEADER.to_string();
     let envoy = Envoy::start(config);
     let log = || envoy.process.log_text();

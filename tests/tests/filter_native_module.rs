@@ -1,0 +1,83 @@
+//! The filter's request path built as a native Envoy dynamic module (`bench/dynmod`, the
+//! benchmark's `native-kv-aware` target) routes in real Envoy as the Wasm filter does: 4 simulated
+//! vLLM workers, the same plugin configuration, the same override_host cluster. This keeps the
+//! benchmark's native figures honest: they are for a module that routes, answers errors and
+//! passes other paths.
+
+use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
+use kvmesh_tests::fleet::{MODEL, Sim, cached_tokens, post_chat, static_plugin_config, system_prompt};
+use kvmesh_tests::{filter_dynamic_module, http};
+
+/// The module's body limit here (below Envoy's 1 MiB buffer limit, so the module answers the 413).
+const MAX_BODY_BYTES: usize = 256 * 1024;
+/// The header the module writes and the cluster's override_host policy reads.
+const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// Envoy's router adds this to what an upstream answered; a filter's own answer lacks it.
+const UPSTREAM_TIME: &str = "x-envoy-upstream-service-time";
+
+fn chat(system: &str, user: &str) -> String {
+    kvmesh_tests::fleet::chat(system, user, 16)
+}
+
+/// A counter of the module's from the admin's `/stats` (`dynamicmodulescustom.<name>: <value>`).
+fn counter(envoy: &Envoy, name: &str) -> u64 {
+    let stats =
+        http::get(envoy.admin_port(), "/stats?filter=kvmesh_filter").expect("GET /stats").message.body_text();
+    stats
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .find(|(n, _)| n.rsplit_once('.').map_or(*n, |(_, n)| n) == name)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /stats:\n{stats}"))
+}
+
+#[test]
+fn native_module_routes_on_cached_prefix_and_answers_errors() {
+    let mut sims: Vec<Sim> = (0..4).map(|i| Sim::start(i, 512)).collect();
+    for sim in &mut sims {
+        sim.wait_ready();
+    }
+    let mut config = EnvoyConfig::new(sims.iter().map(|s| s.port).collect());
+    config.plugin_config = static_plugin_config(&sims, MAX_BODY_BYTES);
+    config.override_host_header = DESTINATION_HEADER.to_owned();
+    config.dynamic_module = Some(filter_dynamic_module());
+    let envoy = Envoy::start(config);
+    let log = || envoy.process.log_text();
+
+    // The same long prefix twice: the second request lands where the first left it cached.
+    let system = system_prompt("astronomy");
+    let first = post_chat(envoy.port(), &chat(&system, "What is a comet?"));
+    assert_eq!(first.status, 200, "{}\n{}", first.message.body_text(), log());
+    let second = post_chat(envoy.port(), &chat(&system, "And an asteroid?"));
+    assert_eq!(second.status, 200, "{}", second.message.body_text());
+    let cached = cached_tokens(&second.message.body_text());
+    assert!(cached >= 512, "second request found {cached} tokens cached; {}", second.message.body_text());
+    assert_eq!(counter(&envoy, "kvmesh_filter_decisions_routed_total"), 2);
+    assert!(second.header(UPSTREAM_TIME).is_some(), "a routed request is answered by the worker");
+
+    // Errors are the router's JSON answers, from the module (Envoy's router never saw them).
+    let malformed = post_chat(envoy.port(), "{not json");
+    assert_eq!(malformed.status, 400, "{}", malformed.message.body_text());
+    assert!(malformed.message.body_text().starts_with(r#"{"error":"#), "{}", malformed.message.body_text());
+    assert_eq!(malformed.header("content-type"), Some("application/json"));
+    let unknown = post_chat(envoy.port(), &chat("hi", "there").replace(MODEL, "no-such-model"));
+    assert_eq!(unknown.status, 404, "{}", unknown.message.body_text());
+    let too_large = post_chat(envoy.port(), &chat(&"x".repeat(MAX_BODY_BYTES), "hi"));
+    assert_eq!(too_large.status, 413, "{}", too_large.message.body_text());
+    assert!(too_large.message.body_text().starts_with(r#"{"error":"#), "{}", too_large.message.body_text());
+    for answer in [&malformed, &unknown, &too_large] {
+        assert_eq!(
+            answer.header(UPSTREAM_TIME),
+            None,
+            "answered by the module: {:?}",
+            answer.message.headers
+        );
+    }
+
+    // Other paths pass through (the sim answers them itself), and nothing was routed for them.
+    let models = http::get(envoy.port(), "/v1/models").expect("GET /v1/models");
+    assert_eq!(models.status, 200, "{}", models.message.body_text());
+    assert!(models.message.body_text().contains(MODEL));
+    assert_eq!(counter(&envoy, "kvmesh_filter_decisions_routed_total"), 2);
+    assert_eq!(counter(&envoy, "kvmesh_filter_fallbacks_total"), 0);
+}
