@@ -5,8 +5,9 @@
 //! passes other paths.
 
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
+use kvmesh_tests::filter_dynamic_module;
 use kvmesh_tests::fleet::{MODEL, Sim, cached_tokens, post_chat, static_plugin_config, system_prompt};
-use kvmesh_tests::{filter_dynamic_module, http};
+use kvmesh_tests::http::{self, EchoUpstream};
 
 /// The module's body limit here (below Envoy's 1 MiB buffer limit, so the module answers the 413).
 const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -80,4 +81,21 @@ fn native_module_routes_on_cached_prefix_and_answers_errors() {
     assert!(models.message.body_text().contains(MODEL));
     assert_eq!(counter(&envoy, "kvmesh_filter_decisions_routed_total"), 2);
     assert_eq!(counter(&envoy, "kvmesh_filter_fallbacks_total"), 0);
+}
+
+#[test]
+fn native_module_drops_a_client_chosen_destination() {
+    let upstream = EchoUpstream::start();
+    let mut config = EnvoyConfig::new(vec![upstream.port()]);
+    config.override_host_header = DESTINATION_HEADER.to_owned();
+    config.dynamic_module = Some(filter_dynamic_module());
+    let envoy = Envoy::start(config);
+
+    // A path the module does not route, with a destination the client picked.
+    let resp = http::request(envoy.port(), "GET", "/v1/models", &[(DESTINATION_HEADER, "127.0.0.1:1")], None)
+        .expect("GET through Envoy");
+    assert_eq!(resp.status, 200, "{}\n{}", resp.message.body_text(), envoy.process.log_text());
+    let received = upstream.received();
+    assert_eq!(received.len(), 1, "the upstream saw the request");
+    assert_eq!(received[0].header(DESTINATION_HEADER), None, "the client's header was forwarded");
 }

@@ -43,6 +43,9 @@ pub struct ModuleBuffer {
 }
 
 impl ModuleBuffer {
+    /// No bytes at all: as a header value, `set_header` removes the header.
+    pub const NULL: ModuleBuffer = ModuleBuffer { ptr: std::ptr::null(), length: 0 };
+
     pub fn of(bytes: &[u8]) -> ModuleBuffer {
         ModuleBuffer { ptr: bytes.as_ptr(), length: bytes.len() }
     }

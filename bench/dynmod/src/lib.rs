@@ -4,10 +4,10 @@
 //! machinery itself costs per request (bench/README.md, proposal 7).
 //!
 //! It runs the same `kvmesh_filter::router::Router` on the same plugin JSON as the Wasm filter
-//! (static workers and models; no control plane), with the same request path: headers held,
-//! body buffered, routed, `x-gateway-destination-endpoint` set, JSON errors for rejected requests,
-//! the failure mode for the filter's own failures, in-flight accounting until the stream ends, and
-//! the decision counters and histogram the benchmark reads. What it leaves out: the control
+//! (static workers and models; no control plane), with the same request path: headers held, body
+//! buffered, routed, `x-gateway-destination-endpoint` set (a client's own dropped), JSON errors for
+//! rejected requests, the failure mode for the filter's own failures, in-flight accounting until
+//! the stream ends, and the decision counters and histogram the benchmark reads. What it leaves out: the control
 //! plane's state, `usage` sampling, the response header and the other metrics.
 //!
 //! One router per Envoy worker thread (as one Wasm VM per thread), built on the thread's first
@@ -267,6 +267,19 @@ impl Filter {
     }
 
     fn on_request_headers(&mut self, filter: FilterEnvoyPtr, end_of_stream: bool) -> u32 {
+        // A client must not pick the worker itself: only this filter writes the destination header.
+        // SAFETY: `filter` is the running hook's; a null value removes the header.
+        let removed = unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                filter,
+                REQUEST_HEADER,
+                ModuleBuffer::of(DESTINATION_HEADER.as_bytes()),
+                ModuleBuffer::NULL,
+            )
+        };
+        if !removed {
+            log(LOG_ERROR, "kvmesh dynamic module: cannot remove the client's destination header");
+        }
         let config = self.config();
         let endpoint = request_header(filter, ":path")
             .filter(|_| request_header(filter, ":method") == Some("POST"))
