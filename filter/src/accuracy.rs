@@ -10,15 +10,16 @@
 //! share of the predicted cache the engines really had. Defined once per VM; a failed definition
 //! or update is logged once and the metric skipped, never a panic.
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvmesh_core::usage::{Accuracy, Verdict};
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{MetricType, Status};
+
+use crate::metrics::define;
+use crate::stats::{MetricKind, StatsSink};
 
 /// Ids of the routing-accuracy counters in this VM; `None` where the host refused the definition.
-#[derive(Debug, Default)]
-pub struct AccuracyMetrics {
+pub struct AccuracyMetrics<S> {
+    sink: S,
     exact: Option<u32>,
     over: Option<u32>,
     under: Option<u32>,
@@ -26,22 +27,13 @@ pub struct AccuracyMetrics {
     predicted_tokens: Option<u32>,
     reported_tokens: Option<u32>,
     /// Set after the first failed update so a broken host does not flood the log.
-    warned: Cell<bool>,
+    warned: AtomicBool,
 }
 
-fn define_counter(name: &str) -> Option<u32> {
-    match hostcalls::define_metric(MetricType::Counter, name) {
-        Ok(id) => Some(id),
-        Err(status) => {
-            log::warn!("kvmesh filter: cannot define metric {name}: {status:?}");
-            None
-        }
-    }
-}
-
-impl AccuracyMetrics {
-    /// Defines the routing-accuracy counters in this VM.
-    pub fn define() -> AccuracyMetrics {
+impl<S: StatsSink> AccuracyMetrics<S> {
+    /// Defines the routing-accuracy counters in `sink`.
+    pub fn define(sink: S) -> AccuracyMetrics<S> {
+        let define_counter = |name: &str| define(&sink, MetricKind::Counter, name);
         AccuracyMetrics {
             exact: define_counter("kvmesh_filter_accuracy_exact_total"),
             over: define_counter("kvmesh_filter_accuracy_over_total"),
@@ -49,8 +41,16 @@ impl AccuracyMetrics {
             unknown: define_counter("kvmesh_filter_accuracy_unknown_total"),
             predicted_tokens: define_counter("kvmesh_filter_cached_tokens_predicted_total"),
             reported_tokens: define_counter("kvmesh_filter_cached_tokens_reported_total"),
-            warned: Cell::new(false),
+            warned: AtomicBool::new(false),
+            // Last: every definition above borrows it.
+            sink,
         }
+    }
+
+    /// Where the counters go.
+    #[cfg(test)]
+    pub(crate) fn sink(&self) -> &S {
+        &self.sink
     }
 
     /// One routed response: `Some` with its comparison when the engine reported cached tokens,
@@ -67,30 +67,20 @@ impl AccuracyMetrics {
             Verdict::Under => self.under,
         };
         self.add(verdict, 1);
-        self.add(self.predicted_tokens, saturate(accuracy.predicted_cached_tokens));
-        self.add(self.reported_tokens, saturate(accuracy.reported_cached_tokens));
+        self.add(self.predicted_tokens, accuracy.predicted_cached_tokens);
+        self.add(self.reported_tokens, accuracy.reported_cached_tokens);
     }
 
-    fn add(&self, id: Option<u32>, by: i64) {
-        // The host refuses an increment of 0 (BadArgument).
+    fn add(&self, id: Option<u32>, by: u64) {
+        // Hosts refuse an increment of 0 (proxy-wasm: BadArgument).
         if by == 0 {
             return;
         }
         if let Some(id) = id
-            && let Err(status) = hostcalls::increment_metric(id, by)
+            && let Err(e) = self.sink.add(id, by)
+            && !self.warned.swap(true, Ordering::Relaxed)
         {
-            self.warn(status);
+            log::warn!("kvmesh filter: accuracy metric update failed: {e}");
         }
     }
-
-    fn warn(&self, status: Status) {
-        if !self.warned.replace(true) {
-            log::warn!("kvmesh filter: accuracy metric update failed: {status:?}");
-        }
-    }
-}
-
-/// A token count as a counter increment (the host takes `i64`).
-fn saturate(tokens: u64) -> i64 {
-    i64::try_from(tokens).unwrap_or(i64::MAX)
 }

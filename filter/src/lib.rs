@@ -15,25 +15,26 @@
 //! What it must never do: panic (a panic kills the VM), or touch a header after it was forwarded
 //! (proxy-wasm 0.2.5's trait methods panic on the host's error; only `hostcalls` are used).
 //!
-//! The routing logic ([`router`], [`relay`], the configuration) also builds natively (rlib), for
-//! unit tests and the benchmarks; the proxy-wasm host glue (the contexts, metrics, the state
-//! service) builds only for wasm32, so a native build links no proxy-wasm host call (clippy checks
-//! the glue with `--target wasm32-wasip1`, `make lint`).
+//! The routing logic ([`router`], [`relay`], the configuration) and the host-neutral request path
+//! ([`flow`], with its [`metrics`] over [`stats`]) also build natively (rlib), for unit tests, the
+//! benchmarks and a native host; the proxy-wasm glue (the contexts, the state service) builds only
+//! for wasm32, so a native build links no proxy-wasm host call (clippy checks the glue with
+//! `--target wasm32-wasip1`, `make lint`).
 
-#[cfg(target_arch = "wasm32")]
-mod accuracy;
+pub mod accuracy;
 mod apply;
 mod config;
+pub mod flow;
 #[cfg(target_arch = "wasm32")]
 mod http_context;
-#[cfg(target_arch = "wasm32")]
-mod metrics;
+pub mod metrics;
 pub mod relay;
 #[cfg(target_arch = "wasm32")]
 mod root_context;
 pub mod router;
 #[cfg(target_arch = "wasm32")]
 mod service;
+pub mod stats;
 
 pub use config::{
     ControlPlaneConfig, Error, FailureMode, FilterConfig, ModelConfig, SegmentCache, StateConfig,

@@ -1,22 +1,21 @@
-//! The filter's metrics through the proxy-wasm metrics API; Envoy shows them in `/stats/prometheus`.
+//! The filter's metrics, through the host's stats ([`StatsSink`]: the proxy-wasm metrics API in
+//! Envoy's Wasm filter); Envoy shows them in `/stats/prometheus`.
 //!
 //! Defined once per VM (in `on_configure`); a failed definition or update is logged once and the
 //! metric is skipped, never a panic.
 
-use std::cell::Cell;
-
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvmesh_core::PolicyKind;
 use kvmesh_core::template::RenderPath;
 
 use crate::relay::Polled;
 use crate::router::{Degraded, RejectKind, Routed};
+use crate::stats::{MetricKind, StatsSink};
 
 /// Ids of the filter's metrics in this VM; `None` where the host refused the definition.
-#[derive(Debug, Default)]
-pub struct Metrics {
+pub struct Metrics<S> {
+    sink: S,
     routed: Option<u32>,
     passthrough: Option<u32>,
     rejected: [Option<u32>; 7],
@@ -40,7 +39,7 @@ pub struct Metrics {
     /// Gauge: 1 while the control plane's block hash version is not this filter's.
     state_hash_mismatch: Option<u32>,
     /// Set after the first failed update so a broken host does not flood the log.
-    warned: Cell<bool>,
+    warned: AtomicBool,
 }
 
 /// Every reject kind, in the order of `Metrics::rejected`.
@@ -71,59 +70,68 @@ fn reject_name(kind: RejectKind) -> &'static str {
     }
 }
 
-fn define(kind: MetricType, name: &str) -> Option<u32> {
-    match hostcalls::define_metric(kind, name) {
-        Ok(id) => Some(id),
-        Err(status) => {
-            log::warn!("kvmesh filter: cannot define metric {name}: {status:?}");
-            None
-        }
+/// Defines one metric, logging a refusal.
+pub(crate) fn define(sink: &impl StatsSink, kind: MetricKind, name: &str) -> Option<u32> {
+    let id = sink.define(kind, name);
+    if id.is_none() {
+        log::warn!("kvmesh filter: cannot define metric {name}");
     }
+    id
 }
 
-impl Metrics {
-    /// Defines every metric in this VM.
-    pub fn define() -> Metrics {
+impl<S: StatsSink> Metrics<S> {
+    /// Defines every metric in `sink`.
+    pub fn define(sink: S) -> Metrics<S> {
+        use MetricKind::{Counter, Gauge, Histogram};
+        let define = |kind, name: &str| define(&sink, kind, name);
         let mut rejected = [None; 7];
         for (slot, kind) in rejected.iter_mut().zip(REJECT_KINDS) {
             let name = format!("kvmesh_filter_decisions_{}_total", reject_name(kind));
-            *slot = define(MetricType::Counter, &name);
+            *slot = define(Counter, &name);
         }
         let mut by_policy = [None; 4];
         for (slot, policy) in by_policy.iter_mut().zip(POLICIES) {
             let name = format!("kvmesh_filter_routed_by_{}_total", policy.name().replace('-', "_"));
-            *slot = define(MetricType::Counter, &name);
+            *slot = define(Counter, &name);
         }
         Metrics {
-            routed: define(MetricType::Counter, "kvmesh_filter_decisions_routed_total"),
-            passthrough: define(MetricType::Counter, "kvmesh_filter_passthrough_total"),
+            routed: define(Counter, "kvmesh_filter_decisions_routed_total"),
+            passthrough: define(Counter, "kvmesh_filter_passthrough_total"),
             rejected,
-            decision_us_total: define(MetricType::Counter, "kvmesh_filter_decision_microseconds_total"),
-            decision_us: define(MetricType::Histogram, "kvmesh_filter_decision_microseconds"),
-            overlap_blocks_total: define(MetricType::Counter, "kvmesh_filter_overlap_blocks_total"),
-            overlap_blocks: define(MetricType::Histogram, "kvmesh_filter_overlap_blocks"),
+            decision_us_total: define(Counter, "kvmesh_filter_decision_microseconds_total"),
+            decision_us: define(Histogram, "kvmesh_filter_decision_microseconds"),
+            overlap_blocks_total: define(Counter, "kvmesh_filter_overlap_blocks_total"),
+            overlap_blocks: define(Histogram, "kvmesh_filter_overlap_blocks"),
             by_policy,
-            stale_routes: define(MetricType::Counter, "kvmesh_filter_stale_state_routes_total"),
-            untokenized_routes: define(MetricType::Counter, "kvmesh_filter_untokenized_routes_total"),
-            renders_native: define(MetricType::Counter, "kvmesh_filter_renders_native_total"),
-            renders_interpreted: define(MetricType::Counter, "kvmesh_filter_renders_interpreted_total"),
-            fallbacks: define(MetricType::Counter, "kvmesh_filter_fallbacks_total"),
-            model_loads: define(MetricType::Counter, "kvmesh_filter_model_loads_total"),
-            model_load_failures: define(MetricType::Counter, "kvmesh_filter_model_load_failures_total"),
-            state_snapshots: define(MetricType::Counter, "kvmesh_filter_state_snapshots_applied_total"),
-            state_deltas: define(MetricType::Counter, "kvmesh_filter_state_deltas_applied_total"),
-            state_malformed: define(MetricType::Counter, "kvmesh_filter_state_malformed_total"),
-            state_apply_us: define(MetricType::Histogram, "kvmesh_filter_state_apply_microseconds"),
-            state_hash_mismatch: define(MetricType::Gauge, "kvmesh_filter_state_hash_version_mismatch"),
-            warned: Cell::new(false),
+            stale_routes: define(Counter, "kvmesh_filter_stale_state_routes_total"),
+            untokenized_routes: define(Counter, "kvmesh_filter_untokenized_routes_total"),
+            renders_native: define(Counter, "kvmesh_filter_renders_native_total"),
+            renders_interpreted: define(Counter, "kvmesh_filter_renders_interpreted_total"),
+            fallbacks: define(Counter, "kvmesh_filter_fallbacks_total"),
+            model_loads: define(Counter, "kvmesh_filter_model_loads_total"),
+            model_load_failures: define(Counter, "kvmesh_filter_model_load_failures_total"),
+            state_snapshots: define(Counter, "kvmesh_filter_state_snapshots_applied_total"),
+            state_deltas: define(Counter, "kvmesh_filter_state_deltas_applied_total"),
+            state_malformed: define(Counter, "kvmesh_filter_state_malformed_total"),
+            state_apply_us: define(Histogram, "kvmesh_filter_state_apply_microseconds"),
+            state_hash_mismatch: define(Gauge, "kvmesh_filter_state_hash_version_mismatch"),
+            warned: AtomicBool::new(false),
+            // Last: every definition above borrows it.
+            sink,
         }
+    }
+
+    /// Where the metrics go.
+    #[cfg(test)]
+    pub(crate) fn sink(&self) -> &S {
+        &self.sink
     }
 
     /// A request that was routed after `micros` of filter work.
     pub fn routed(&self, micros: u64, routed: &Routed) {
         self.add(self.routed, 1);
         self.decision(micros);
-        self.add(self.overlap_blocks_total, i64::from(routed.overlap_blocks));
+        self.add(self.overlap_blocks_total, u64::from(routed.overlap_blocks));
         self.record(self.overlap_blocks, u64::from(routed.overlap_blocks));
         let index = POLICIES.iter().position(|p| *p == routed.policy);
         self.add(index.and_then(|i| self.by_policy[i]), 1);
@@ -151,7 +159,7 @@ impl Metrics {
 
     /// `n` models loaded from the static configuration.
     pub fn model_loaded_n(&self, n: usize) {
-        self.add(self.model_loads, n as i64);
+        self.add(self.model_loads, n as u64);
     }
 
     /// What one poll of the relayed state applied, and how long the poll took (recorded only when
@@ -159,7 +167,11 @@ impl Metrics {
     /// 1 while the control plane's block hash version differs from this filter's (its index
     /// ignored), else 0.
     pub fn state_hash_version(&self, foreign: Option<u32>) {
-        self.record(self.state_hash_mismatch, u64::from(foreign.is_some()));
+        if let Some(id) = self.state_hash_mismatch
+            && let Err(e) = self.sink.set(id, u64::from(foreign.is_some()))
+        {
+            self.warn(&e);
+        }
     }
 
     pub fn state_polled(&self, polled: &Polled, micros: u64) {
@@ -169,8 +181,8 @@ impl Metrics {
         if polled.snapshot {
             self.add(self.state_snapshots, 1);
         }
-        self.add(self.state_deltas, i64::from(polled.deltas));
-        self.add(self.state_malformed, i64::from(polled.malformed));
+        self.add(self.state_deltas, u64::from(polled.deltas));
+        self.add(self.state_malformed, u64::from(polled.malformed));
     }
 
     /// A request answered by the filter.
@@ -186,33 +198,33 @@ impl Metrics {
     }
 
     fn decision(&self, micros: u64) {
-        self.add(self.decision_us_total, i64::try_from(micros).unwrap_or(i64::MAX));
+        self.add(self.decision_us_total, micros);
         self.record(self.decision_us, micros);
     }
 
     fn record(&self, id: Option<u32>, value: u64) {
         if let Some(id) = id
-            && let Err(status) = hostcalls::record_metric(id, value)
+            && let Err(e) = self.sink.record(id, value)
         {
-            self.warn(status);
+            self.warn(&e);
         }
     }
 
-    fn add(&self, id: Option<u32>, by: i64) {
-        // The host refuses an increment of 0 (BadArgument).
+    fn add(&self, id: Option<u32>, by: u64) {
+        // Hosts refuse an increment of 0 (proxy-wasm: BadArgument).
         if by == 0 {
             return;
         }
         if let Some(id) = id
-            && let Err(status) = hostcalls::increment_metric(id, by)
+            && let Err(e) = self.sink.add(id, by)
         {
-            self.warn(status);
+            self.warn(&e);
         }
     }
 
-    fn warn(&self, status: proxy_wasm::types::Status) {
-        if !self.warned.replace(true) {
-            log::warn!("kvmesh filter: metric update failed: {status:?}");
+    fn warn(&self, error: &str) {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            log::warn!("kvmesh filter: metric update failed: {error}");
         }
     }
 }

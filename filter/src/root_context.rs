@@ -2,7 +2,7 @@
 //! (loads static models and workers, follows the relayed control-plane state on a timer, makes HTTP
 //! contexts) or the state service (holds the stream; see `service.rs`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -15,7 +15,8 @@ use proxy_wasm::types::ContextType;
 
 use crate::accuracy::AccuracyMetrics;
 use crate::config::FilterConfig;
-use crate::http_context::{KvmeshHttp, VmState};
+use crate::flow::Settings;
+use crate::http_context::{KvmeshHttp, ProxyWasmStats, VmState};
 use crate::metrics::Metrics;
 use crate::relay::{Follower, SharedStore, assets_key};
 use crate::router::Router;
@@ -159,18 +160,15 @@ impl RootContext for KvmeshRoot {
                     if config.state.is_some() { ", following the control plane's state" } else { "" },
                     now_ms().saturating_sub(started)
                 );
-                let metrics = Metrics::define();
+                let metrics = Metrics::define(ProxyWasmStats);
                 metrics.model_loaded_n(router.model_count());
                 // A reconfigured plugin starts over: state of the old configuration is dropped.
-                let accuracy = AccuracyMetrics::define();
+                let accuracy = AccuracyMetrics::define(ProxyWasmStats);
                 self.role = Role::Http(Rc::new(VmState {
                     router: RefCell::new(router),
                     metrics,
                     accuracy,
-                    accuracy_sample_every: config.accuracy_sample_every,
-                    accuracy_skipped: Cell::new(0),
-                    response_header: config.response_header,
-                    failure_mode: config.failure_mode,
+                    settings: Settings::new(&config),
                 }));
                 self.tried.clear();
                 self.follower = None;

@@ -584,7 +584,7 @@ pub(crate) mod tests {
         char::from_u32(256 + offset).unwrap_or('?')
     }
 
-    fn config(workers: usize) -> FilterConfig {
+    pub(crate) fn config(workers: usize) -> FilterConfig {
         let workers: Vec<String> = (0..workers)
             .map(|i| {
                 format!(r#"{{"id":"w{i}","address":"127.0.0.1:{}","model":"m","block_size":4}}"#, 9000 + i)
@@ -599,7 +599,7 @@ pub(crate) mod tests {
         FilterConfig::from_bytes(Some(json.as_bytes())).expect("test config is valid")
     }
 
-    fn chat(system: &str, user: &str) -> Vec<u8> {
+    pub(crate) fn chat(system: &str, user: &str) -> Vec<u8> {
         serde_json::json!({"model": "m", "messages": [
             {"role": "system", "content": system}, {"role": "user", "content": user}]})
         .to_string()

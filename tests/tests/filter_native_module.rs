@@ -1,8 +1,8 @@
 //! The filter's request path built as a native Envoy dynamic module (`bench/dynmod`, the
 //! benchmark's `native-kv-aware` target) routes in real Envoy as the Wasm filter does: 4 simulated
-//! vLLM workers, the same plugin configuration, the same override_host cluster. This keeps the
-//! benchmark's native figures honest: they are for a module that routes, answers errors and
-//! passes other paths.
+//! vLLM workers, the same plugin configuration, the same override_host cluster, the same request
+//! path (`kvmesh_filter::flow`) and metrics. This keeps the benchmark's native figures honest: they
+//! are for a module that routes, answers errors and passes other paths.
 
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
 use kvmesh_tests::filter_dynamic_module;
@@ -79,8 +79,18 @@ fn native_module_routes_on_cached_prefix_and_answers_errors() {
     let models = http::get(envoy.port(), "/v1/models").expect("GET /v1/models");
     assert_eq!(models.status, 200, "{}", models.message.body_text());
     assert!(models.message.body_text().contains(MODEL));
-    assert_eq!(counter(&envoy, "kvmesh_filter_decisions_routed_total"), 2);
-    assert_eq!(counter(&envoy, "kvmesh_filter_fallbacks_total"), 0);
+    // The Wasm filter's own metrics, through Envoy's dynamic-module stats.
+    for (name, expected) in [
+        ("kvmesh_filter_decisions_routed_total", 2),
+        ("kvmesh_filter_decisions_bad_request_total", 1),
+        ("kvmesh_filter_decisions_unknown_model_total", 1),
+        ("kvmesh_filter_decisions_too_large_total", 1),
+        ("kvmesh_filter_renders_native_total", 2),
+        ("kvmesh_filter_passthrough_total", 1),
+        ("kvmesh_filter_fallbacks_total", 0),
+    ] {
+        assert_eq!(counter(&envoy, name), expected, "{name}");
+    }
 }
 
 #[test]

@@ -71,10 +71,12 @@ pub struct EnvoyHttpHeader {
 
 /// `envoy_dynamic_module_type_http_header_type`.
 pub const REQUEST_HEADER: u32 = 0;
+pub const RESPONSE_HEADER: u32 = 2;
 /// `envoy_dynamic_module_type_http_body_type`: what the latest body event brought, and what the
 /// filter chain has buffered so far. The whole body is the buffered part, then the received one.
 pub const RECEIVED_REQUEST_BODY: u32 = 0;
 pub const BUFFERED_REQUEST_BODY: u32 = 1;
+pub const RECEIVED_RESPONSE_BODY: u32 = 2;
 
 /// `on_http_filter_request_headers` status: `Continue`, `StopIteration` (headers held, body events
 /// still delivered; `StopAllIterationAndBuffer` would deliver none and hang the request).
@@ -88,7 +90,9 @@ pub const CONTINUE: u32 = 0;
 /// `envoy_dynamic_module_type_metrics_result_Success`.
 pub const METRICS_SUCCESS: u32 = 0;
 /// `envoy_dynamic_module_type_log_level`.
+pub const LOG_DEBUG: u32 = 1;
 pub const LOG_INFO: u32 = 2;
+pub const LOG_WARN: u32 = 3;
 pub const LOG_ERROR: u32 = 4;
 
 pub type ConfigEnvoyPtr = *mut c_void;
@@ -109,6 +113,13 @@ unsafe extern "C" {
     ) -> bool;
 
     pub fn envoy_dynamic_module_callback_http_set_header(
+        filter: FilterEnvoyPtr,
+        header_type: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+
+    pub fn envoy_dynamic_module_callback_http_add_header(
         filter: FilterEnvoyPtr,
         header_type: u32,
         key: ModuleBuffer,
@@ -157,16 +168,32 @@ unsafe extern "C" {
         id: *mut usize,
     ) -> u32;
 
-    pub fn envoy_dynamic_module_callback_http_filter_increment_counter(
-        filter: FilterEnvoyPtr,
+    pub fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+        config: ConfigEnvoyPtr,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        id: *mut usize,
+    ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: ConfigEnvoyPtr,
         id: usize,
         label_values: *mut ModuleBuffer,
         label_values_length: usize,
         value: u64,
     ) -> u32;
 
-    pub fn envoy_dynamic_module_callback_http_filter_record_histogram_value(
-        filter: FilterEnvoyPtr,
+    pub fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+        config: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+        config: ConfigEnvoyPtr,
         id: usize,
         label_values: *mut ModuleBuffer,
         label_values_length: usize,

@@ -3,26 +3,29 @@
 //! `envoy.filters.http.dynamic_modules`) instead of a proxy-wasm module, to measure what the Wasm
 //! machinery itself costs per request (bench/README.md, proposal 7).
 //!
-//! It runs the same `kvmesh_filter::router::Router` on the same plugin JSON as the Wasm filter
-//! (static workers and models; no control plane), with the same request path: headers held, body
-//! buffered, routed, `x-gateway-destination-endpoint` set (a client's own dropped), JSON errors for
-//! rejected requests, the failure mode for the filter's own failures, in-flight accounting until
-//! the stream ends, and the decision counters and histogram the benchmark reads. What it leaves out: the control
-//! plane's state, `usage` sampling, the response header and the other metrics.
+//! It runs the Wasm filter's own request path (`kvmesh_filter::flow`: headers held, body buffered,
+//! routed, `x-gateway-destination-endpoint` set and a client's own dropped, JSON errors, the failure
+//! mode, in-flight and prefill accounting, `usage` sampling, every request metric) on the same
+//! plugin JSON, with Envoy's dynamic-module callbacks as its host. What it leaves out: the control
+//! plane's state (static workers and models only).
 //!
 //! One router per Envoy worker thread (as one Wasm VM per thread), built on the thread's first
-//! request. Nothing here may panic across the C boundary: every hook catches unwinding.
+//! request; metrics are the configuration's, shared by every thread (Envoy's stats are
+//! thread-safe). Nothing here may panic across the C boundary: every hook catches unwinding.
 
 mod abi;
 
-use std::cell::RefCell;
+use std::borrow::Cow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
-use kvmesh_core::request::{Endpoint, openai_error_body};
-use kvmesh_filter::router::{Routed, Router};
-use kvmesh_filter::{DESTINATION_HEADER, FailureMode, FilterConfig};
+use kvmesh_filter::FilterConfig;
+use kvmesh_filter::accuracy::AccuracyMetrics;
+use kvmesh_filter::flow::{self, Request, Settings, Stream, Worker};
+use kvmesh_filter::metrics::Metrics;
+use kvmesh_filter::router::Router;
+use kvmesh_filter::stats::{MetricKind, StatsSink};
 
 use abi::*;
 
@@ -32,204 +35,263 @@ const MAX_WORKERS: usize = 256;
 /// One filter configuration (`filter_config` of the Envoy filter).
 struct Config {
     filter: FilterConfig,
-    /// One router per Envoy worker thread, by `get_worker_index`, built on first use.
-    routers: Box<[OnceLock<Option<Mutex<Router>>>]>,
-    /// The benchmark's metrics (ids from Envoy).
-    routed_total: usize,
-    decision_us_total: usize,
-    decision_us: usize,
-    fallbacks_total: usize,
+    /// One per Envoy worker thread, by `get_worker_index`, made on first use.
+    workers: Box<[OnceLock<WorkerState>]>,
+    metrics: Metrics<EnvoyStats>,
+    accuracy: AccuracyMetrics<EnvoyStats>,
+}
+
+/// What one Envoy worker thread routes with.
+struct WorkerState {
+    /// `None` when it failed to build (logged): that thread's requests then pass unrouted.
+    router: Option<Mutex<Router>>,
+    settings: Settings,
 }
 
 impl Config {
-    /// The router of the worker thread `filter` runs on, built there on first use (`None`: that
-    /// worker's router failed to build, or there are too many workers).
-    fn router(&self, filter: FilterEnvoyPtr) -> Option<&Mutex<Router>> {
+    /// The state of the worker thread `filter` runs on, made there on first use (`None`: more
+    /// worker threads than [`MAX_WORKERS`]).
+    fn worker(&self, filter: FilterEnvoyPtr) -> Option<Thread<'_>> {
         // SAFETY: `filter` is the pointer Envoy passed to the running hook.
-        let worker = unsafe { envoy_dynamic_module_callback_http_filter_get_worker_index(filter) } as usize;
-        let slot = self.routers.get(worker)?;
-        slot.get_or_init(|| {
+        let index = unsafe { envoy_dynamic_module_callback_http_filter_get_worker_index(filter) } as usize;
+        let state = self.workers.get(index)?.get_or_init(|| {
             let started = Instant::now();
-            match Router::new(&self.filter) {
+            let router = match Router::new(&self.filter) {
                 Ok(router) => {
-                    log(
-                        LOG_INFO,
-                        &format!(
-                            "kvmesh dynamic module: worker {worker} router loaded in {} ms",
-                            started.elapsed().as_millis()
-                        ),
+                    log::info!(
+                        "kvmesh dynamic module: worker {index} router loaded in {} ms",
+                        started.elapsed().as_millis()
                     );
                     Some(Mutex::new(router))
                 }
                 Err(e) => {
-                    log(LOG_ERROR, &format!("kvmesh dynamic module: worker {worker} router: {e}"));
+                    log::error!("kvmesh dynamic module: worker {index} has no router: {e}");
                     None
                 }
-            }
-        })
-        .as_ref()
+            };
+            WorkerState { router, settings: Settings::new(&self.filter) }
+        });
+        Some(Thread { config: self, state })
     }
 }
 
-/// Where a request is.
-enum Phase {
-    Headers,
-    Body { endpoint: Endpoint },
-    Routed { routed: Routed },
-    Passed,
-    Answered,
+/// A worker thread's view: its router and settings, the configuration's metrics.
+struct Thread<'a> {
+    config: &'a Config,
+    state: &'a WorkerState,
 }
 
-/// One request.
-struct Filter {
-    config: *const Config,
-    phase: Phase,
+impl Worker for Thread<'_> {
+    type Stats = EnvoyStats;
+
+    fn with_router<T>(&self, f: impl FnOnce(&mut Router) -> T) -> Option<T> {
+        // Only this thread takes it; poisoned only if a hook panicked while routing.
+        self.state.router.as_ref()?.lock().ok().map(|mut router| f(&mut router))
+    }
+
+    fn metrics(&self) -> &Metrics<EnvoyStats> {
+        &self.config.metrics
+    }
+
+    fn accuracy(&self) -> &AccuracyMetrics<EnvoyStats> {
+        &self.config.accuracy
+    }
+
+    fn settings(&self) -> &Settings {
+        &self.state.settings
+    }
 }
 
-thread_local! {
-    /// A body that arrived in several pieces is gathered here (one buffer per worker thread).
-    static BODY: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+/// The configuration's metrics in Envoy (`dynamicmodulescustom.<name>` in `/stats`).
+struct EnvoyStats(ConfigEnvoyPtr);
+
+// SAFETY: the pointer is Envoy's filter configuration, alive until `config_destroy` (after every
+// filter made from it), and Envoy's stats are thread-safe.
+unsafe impl Send for EnvoyStats {}
+unsafe impl Sync for EnvoyStats {}
+
+/// A metrics call's result as the sink's.
+fn metrics_result(result: u32) -> Result<(), String> {
+    if result == METRICS_SUCCESS { Ok(()) } else { Err(format!("metrics result {result}")) }
 }
 
-fn log(level: u32, message: &str) {
-    // SAFETY: the message lives for the call.
-    unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }
-}
-
-/// Runs a hook body; a panic becomes `fallback` instead of unwinding into Envoy.
-fn guarded<T>(fallback: T, hook: impl FnOnce() -> T) -> T {
-    catch_unwind(AssertUnwindSafe(hook)).unwrap_or_else(|_| {
-        log(LOG_ERROR, "kvmesh dynamic module: a hook panicked; request passed on");
-        fallback
-    })
-}
-
-fn define(config: ConfigEnvoyPtr, name: &str, histogram: bool) -> usize {
-    let mut id = 0usize;
-    // SAFETY: `config` is the pointer Envoy passed to `config_new`; the name lives for the call.
-    let result = unsafe {
+impl StatsSink for EnvoyStats {
+    fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
+        let mut id = 0usize;
         let name = ModuleBuffer::of(name.as_bytes());
-        if histogram {
-            envoy_dynamic_module_callback_http_filter_config_define_histogram(
-                config,
-                name,
-                std::ptr::null_mut(),
-                0,
-                &mut id,
-            )
-        } else {
-            envoy_dynamic_module_callback_http_filter_config_define_counter(
-                config,
-                name,
-                std::ptr::null_mut(),
-                0,
-                &mut id,
-            )
-        }
-    };
-    if result != METRICS_SUCCESS {
-        log(LOG_ERROR, &format!("kvmesh dynamic module: cannot define metric {name}: {result}"));
-    }
-    id
-}
-
-fn add(filter: FilterEnvoyPtr, id: usize, value: u64) {
-    // SAFETY: `filter` is the running hook's; no labels.
-    unsafe {
-        envoy_dynamic_module_callback_http_filter_increment_counter(
-            filter,
-            id,
-            std::ptr::null_mut(),
-            0,
-            value,
-        )
-    };
-}
-
-fn record(filter: FilterEnvoyPtr, id: usize, value: u64) {
-    // SAFETY: as `add`.
-    unsafe {
-        envoy_dynamic_module_callback_http_filter_record_histogram_value(
-            filter,
-            id,
-            std::ptr::null_mut(),
-            0,
-            value,
-        )
-    };
-}
-
-/// A request header's first value (`None`: absent or not UTF-8).
-fn request_header<'a>(filter: FilterEnvoyPtr, name: &str) -> Option<&'a str> {
-    let mut value = EnvoyBuffer::EMPTY;
-    let mut count = 0usize;
-    // SAFETY: `filter` is the running hook's; Envoy fills `value` with bytes valid during the hook.
-    let found = unsafe {
-        envoy_dynamic_module_callback_http_get_header(
-            filter,
-            REQUEST_HEADER,
-            ModuleBuffer::of(name.as_bytes()),
-            &mut value,
-            0,
-            &mut count,
-        )
-    };
-    // SAFETY: read inside the hook only (the callers do not keep it).
-    found.then(|| std::str::from_utf8(unsafe { value.as_slice() }).ok()).flatten()
-}
-
-/// Calls `read` with the whole request body: the part buffered by the chain, then the part the
-/// latest event brought (over HTTP/2 all of it can be in the latter). Zero-copy when one piece.
-fn with_request_body<T>(filter: FilterEnvoyPtr, read: impl FnOnce(&[u8]) -> T) -> T {
-    let mut chunks: Vec<EnvoyBuffer> = Vec::new();
-    // SAFETY: `filter` is the running hook's; each chunk array is sized by Envoy's own count.
-    unsafe {
-        // When the latest event *is* the buffered body (an earlier filter resumed it), read it once.
-        let types: &[u32] = if envoy_dynamic_module_callback_http_received_buffered_request_body(filter) {
-            &[RECEIVED_REQUEST_BODY]
-        } else {
-            &[BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY]
+        let none = std::ptr::null_mut();
+        // SAFETY: the configuration pointer is Envoy's; the name lives for the call; no labels.
+        let result = unsafe {
+            match kind {
+                MetricKind::Counter => envoy_dynamic_module_callback_http_filter_config_define_counter(
+                    self.0, name, none, 0, &mut id,
+                ),
+                MetricKind::Gauge => envoy_dynamic_module_callback_http_filter_config_define_gauge(
+                    self.0, name, none, 0, &mut id,
+                ),
+                MetricKind::Histogram => envoy_dynamic_module_callback_http_filter_config_define_histogram(
+                    self.0, name, none, 0, &mut id,
+                ),
+            }
         };
-        for &body_type in types {
-            let n = envoy_dynamic_module_callback_http_get_body_chunks_size(filter, body_type);
-            if n == 0 {
-                continue;
-            }
-            let start = chunks.len();
-            chunks.resize(start + n, EnvoyBuffer::EMPTY);
-            if !envoy_dynamic_module_callback_http_get_body_chunks(
-                filter,
-                body_type,
-                chunks[start..].as_mut_ptr(),
-            ) {
-                chunks.truncate(start);
-            }
-        }
+        (result == METRICS_SUCCESS).then(|| u32::try_from(id).ok()).flatten()
     }
-    chunks.retain(|c| c.length > 0);
-    match chunks.as_slice() {
-        [] => read(&[]),
-        // SAFETY: inside the hook.
-        [one] => read(unsafe { one.as_slice() }),
-        many => BODY.with_borrow_mut(|body| {
-            body.clear();
-            for chunk in many {
-                // SAFETY: inside the hook.
-                body.extend_from_slice(unsafe { chunk.as_slice() });
-            }
-            read(body)
-        }),
+
+    fn add(&self, id: u32, by: u64) -> Result<(), String> {
+        // SAFETY: as `define`.
+        metrics_result(unsafe {
+            envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                self.0,
+                id as usize,
+                std::ptr::null_mut(),
+                0,
+                by,
+            )
+        })
+    }
+
+    fn set(&self, id: u32, value: u64) -> Result<(), String> {
+        // SAFETY: as `define`.
+        metrics_result(unsafe {
+            envoy_dynamic_module_callback_http_filter_config_set_gauge(
+                self.0,
+                id as usize,
+                std::ptr::null_mut(),
+                0,
+                value,
+            )
+        })
+    }
+
+    fn record(&self, id: u32, value: u64) -> Result<(), String> {
+        // SAFETY: as `define`.
+        metrics_result(unsafe {
+            envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+                self.0,
+                id as usize,
+                std::ptr::null_mut(),
+                0,
+                value,
+            )
+        })
     }
 }
 
-impl Filter {
-    fn config(&self) -> &Config {
-        // SAFETY: Envoy destroys a configuration only after every filter made from it.
-        unsafe { &*self.config }
+/// The current request, through Envoy's callbacks; valid only inside the hook it was made in.
+struct EnvoyStream(FilterEnvoyPtr);
+
+impl EnvoyStream {
+    fn header(&self, header_type: u32, name: &str) -> Option<Cow<'_, str>> {
+        let mut value = EnvoyBuffer::EMPTY;
+        let mut count = 0usize;
+        // SAFETY: the running hook's pointer; Envoy fills `value` with bytes valid during the hook,
+        // which outlives this stream.
+        let found = unsafe {
+            envoy_dynamic_module_callback_http_get_header(
+                self.0,
+                header_type,
+                ModuleBuffer::of(name.as_bytes()),
+                &mut value,
+                0,
+                &mut count,
+            )
+        };
+        // SAFETY: as above.
+        found.then(|| std::str::from_utf8(unsafe { value.as_slice() }).ok().map(Cow::Borrowed)).flatten()
     }
 
-    /// Answers with `status` and a JSON `body`.
-    fn answer(&mut self, filter: FilterEnvoyPtr, status: u16, body: &str) {
+    /// Calls `read` with the chunks of `types`, in order, as one slice (zero-copy for one chunk).
+    fn with_body<T>(&self, types: &[u32], read: impl FnOnce(&[u8]) -> T) -> T {
+        let mut chunks: Vec<EnvoyBuffer> = Vec::new();
+        // SAFETY: the running hook's pointer; each chunk array is sized by Envoy's own count.
+        unsafe {
+            for &body_type in types {
+                let n = envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, body_type);
+                if n == 0 {
+                    continue;
+                }
+                let start = chunks.len();
+                chunks.resize(start + n, EnvoyBuffer::EMPTY);
+                if !envoy_dynamic_module_callback_http_get_body_chunks(
+                    self.0,
+                    body_type,
+                    chunks[start..].as_mut_ptr(),
+                ) {
+                    chunks.truncate(start);
+                }
+            }
+        }
+        chunks.retain(|c| c.length > 0);
+        match chunks.as_slice() {
+            [] => read(&[]),
+            // SAFETY: inside the hook.
+            [one] => read(unsafe { one.as_slice() }),
+            many => {
+                let mut body = Vec::with_capacity(many.iter().map(|c| c.length).sum());
+                for chunk in many {
+                    // SAFETY: inside the hook.
+                    body.extend_from_slice(unsafe { chunk.as_slice() });
+                }
+                read(&body)
+            }
+        }
+    }
+
+    /// The response body chunk just received, in bytes.
+    fn response_body_size(&self) -> usize {
+        // SAFETY: the running hook's pointer.
+        unsafe { envoy_dynamic_module_callback_http_get_body_size(self.0, RECEIVED_RESPONSE_BODY) }
+    }
+
+    /// The request body buffered so far plus what the latest event brought (over HTTP/2 all of it
+    /// can be in the latter), in bytes.
+    fn request_body_size(&self) -> usize {
+        // SAFETY: the running hook's pointer.
+        unsafe {
+            if envoy_dynamic_module_callback_http_received_buffered_request_body(self.0) {
+                envoy_dynamic_module_callback_http_get_body_size(self.0, RECEIVED_REQUEST_BODY)
+            } else {
+                envoy_dynamic_module_callback_http_get_body_size(self.0, BUFFERED_REQUEST_BODY)
+                    + envoy_dynamic_module_callback_http_get_body_size(self.0, RECEIVED_REQUEST_BODY)
+            }
+        }
+    }
+}
+
+fn refused(what: &str) -> String {
+    format!("Envoy refused to {what}")
+}
+
+impl Stream for EnvoyStream {
+    fn request_header(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.header(REQUEST_HEADER, name)
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), String> {
+        // A null value removes the header.
+        let value = value.map_or(ModuleBuffer::NULL, |v| ModuleBuffer::of(v.as_bytes()));
+        // SAFETY: the running hook's pointer; the buffers live for the call.
+        let set = unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                self.0,
+                REQUEST_HEADER,
+                ModuleBuffer::of(name.as_bytes()),
+                value,
+            )
+        };
+        set.then_some(()).ok_or_else(|| refused("set a request header"))
+    }
+
+    fn with_request_body<T>(&mut self, _size: usize, read: impl FnOnce(&[u8]) -> T) -> Result<T, String> {
+        // SAFETY: the running hook's pointer.
+        let resumed = unsafe { envoy_dynamic_module_callback_http_received_buffered_request_body(self.0) };
+        // When the latest event *is* the buffered body (an earlier filter resumed it), read it once.
+        let types: &[u32] =
+            if resumed { &[RECEIVED_REQUEST_BODY] } else { &[BUFFERED_REQUEST_BODY, RECEIVED_REQUEST_BODY] };
+        Ok(self.with_body(types, read))
+    }
+
+    fn send_response(&mut self, status: u16, body: &str) -> Result<(), String> {
         let (key, value) = (b"content-type", b"application/json");
         let mut headers = [ModuleHttpHeader {
             key_ptr: key.as_ptr(),
@@ -237,10 +299,10 @@ impl Filter {
             value_ptr: value.as_ptr(),
             value_length: value.len(),
         }];
-        // SAFETY: `filter` is the running hook's; everything passed lives for the call.
+        // SAFETY: the running hook's pointer; everything passed lives for the call.
         unsafe {
             envoy_dynamic_module_callback_http_send_response(
-                filter,
+                self.0,
                 u32::from(status),
                 headers.as_mut_ptr(),
                 headers.len(),
@@ -248,133 +310,97 @@ impl Filter {
                 ModuleBuffer::of(b"kvmesh_rejected"),
             )
         };
-        self.phase = Phase::Answered;
+        Ok(())
     }
 
-    /// The filter cannot route for a reason of its own: forwarded unrouted or answered, per the
-    /// failure mode.
-    fn fail(&mut self, filter: FilterEnvoyPtr, why: &str) {
-        match self.config().filter.failure_mode {
-            FailureMode::FailOpen => {
-                add(filter, self.config().fallbacks_total, 1);
-                self.phase = Phase::Passed;
-            }
-            FailureMode::FailClosed => {
-                let body = openai_error_body(why, "InternalServerError", None, 500);
-                self.answer(filter, 500, &body);
-            }
-        }
+    fn response_header(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.header(RESPONSE_HEADER, name)
     }
 
-    fn on_request_headers(&mut self, filter: FilterEnvoyPtr, end_of_stream: bool) -> u32 {
-        // A client must not pick the worker itself: only this filter writes the destination header.
-        // SAFETY: `filter` is the running hook's; a null value removes the header.
-        let removed = unsafe {
-            envoy_dynamic_module_callback_http_set_header(
-                filter,
-                REQUEST_HEADER,
-                ModuleBuffer::of(DESTINATION_HEADER.as_bytes()),
-                ModuleBuffer::NULL,
+    fn add_response_header(&mut self, name: &str, value: &str) -> Result<(), String> {
+        // SAFETY: the running hook's pointer; the buffers live for the call.
+        let added = unsafe {
+            envoy_dynamic_module_callback_http_add_header(
+                self.0,
+                RESPONSE_HEADER,
+                ModuleBuffer::of(name.as_bytes()),
+                ModuleBuffer::of(value.as_bytes()),
             )
         };
-        if !removed {
-            log(LOG_ERROR, "kvmesh dynamic module: cannot remove the client's destination header");
-        }
-        let config = self.config();
-        let endpoint = request_header(filter, ":path")
-            .filter(|_| request_header(filter, ":method") == Some("POST"))
-            .and_then(Endpoint::from_path)
-            .filter(|_| !config.filter.models.is_empty());
-        let Some(endpoint) = endpoint else {
-            self.phase = Phase::Passed;
-            return HEADERS_CONTINUE;
-        };
-        self.phase = Phase::Body { endpoint };
-        if end_of_stream {
-            self.route(filter, endpoint, &[]);
-            return if matches!(self.phase, Phase::Answered) {
-                HEADERS_STOP_ITERATION
-            } else {
-                HEADERS_CONTINUE
-            };
-        }
-        HEADERS_STOP_ITERATION
+        added.then_some(()).ok_or_else(|| refused("add a response header"))
     }
 
-    fn on_request_body(&mut self, filter: FilterEnvoyPtr, end_of_stream: bool) -> u32 {
-        let Phase::Body { endpoint } = self.phase else { return BODY_CONTINUE };
-        let limit = self.config().filter.max_body_bytes;
-        // SAFETY: `filter` is the running hook's.
-        let size = unsafe {
-            envoy_dynamic_module_callback_http_get_body_size(filter, BUFFERED_REQUEST_BODY)
-                + envoy_dynamic_module_callback_http_get_body_size(filter, RECEIVED_REQUEST_BODY)
-        };
-        if size > limit {
-            let message = format!("request body is more than the limit of {limit} bytes");
-            self.answer(filter, 413, &openai_error_body(&message, "invalid_request_error", None, 413));
-            return BODY_STOP_ITERATION_AND_BUFFER;
-        }
-        if !end_of_stream {
-            return BODY_STOP_ITERATION_AND_BUFFER;
-        }
-        with_request_body(filter, |body| self.route(filter, endpoint, body));
-        if matches!(self.phase, Phase::Answered) { BODY_STOP_ITERATION_AND_BUFFER } else { BODY_CONTINUE }
+    fn with_response_body<T>(&mut self, _size: usize, read: impl FnOnce(&[u8]) -> T) -> Result<T, String> {
+        Ok(self.with_body(&[RECEIVED_RESPONSE_BODY], read))
     }
 
-    /// Routes `body`: sets the destination header (the headers are still held), or answers.
-    fn route(&mut self, filter: FilterEnvoyPtr, endpoint: Endpoint, body: &[u8]) {
-        // Copied out so the borrow of the configuration does not hold `self`.
-        let config: &Config = unsafe { &*self.config };
-        let Some(router) = config.router(filter) else {
-            return self.fail(filter, "the filter has no router on this worker");
-        };
-        let started = Instant::now();
-        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        let result = match router.lock() {
-            Ok(mut router) => router.route(endpoint, body, wall.as_millis() as u64, wall.as_secs() as i64),
-            Err(_) => return self.fail(filter, "the router is unusable after a panic"),
-        };
-        let micros = started.elapsed().as_micros() as u64;
-        match result {
-            Ok(routed) => {
-                add(filter, config.routed_total, 1);
-                add(filter, config.decision_us_total, micros);
-                record(filter, config.decision_us, micros);
-                // SAFETY: `filter` is the running hook's; the strings live for the call.
-                let set = unsafe {
-                    envoy_dynamic_module_callback_http_set_header(
-                        filter,
-                        REQUEST_HEADER,
-                        ModuleBuffer::of(DESTINATION_HEADER.as_bytes()),
-                        ModuleBuffer::of(routed.destination.as_bytes()),
-                    )
-                };
-                if !set {
-                    log(LOG_ERROR, "kvmesh dynamic module: cannot set the destination header");
-                }
-                self.phase = Phase::Routed { routed };
-            }
-            Err(rejected)
-                if rejected.kind.is_own_failure() && config.filter.failure_mode == FailureMode::FailOpen =>
-            {
-                add(filter, config.fallbacks_total, 1);
-                self.phase = Phase::Passed;
-            }
-            Err(rejected) => {
-                self.answer(filter, rejected.kind.status(), &rejected.body);
-            }
-        }
+    fn now() -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// One request: its configuration and its state in the request path.
+struct Filter {
+    config: *const Config,
+    request: Request,
+}
+
+/// The `log` crate's records (the request path's) into Envoy's log; debug is compiled in but off.
+struct EnvoyLog;
+
+impl log::Log for EnvoyLog {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
     }
 
-    /// The stream ended (completed or reset): the request leaves its worker's in-flight count.
-    fn on_stream_complete(&mut self, filter: FilterEnvoyPtr) {
-        if let Phase::Routed { routed } = std::mem::replace(&mut self.phase, Phase::Passed)
-            && let Some(router) = self.config().router(filter)
-            && let Ok(mut router) = router.lock()
-        {
-            router.finish(&routed);
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
         }
+        let level = match record.level() {
+            log::Level::Error => LOG_ERROR,
+            log::Level::Warn => LOG_WARN,
+            log::Level::Info => LOG_INFO,
+            log::Level::Debug | log::Level::Trace => LOG_DEBUG,
+        };
+        let message = record.args().to_string();
+        // SAFETY: the message lives for the call.
+        unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }
     }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: EnvoyLog = EnvoyLog;
+
+/// Runs a hook body; a panic becomes `fallback` instead of unwinding into Envoy.
+fn guarded<T>(fallback: T, hook: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(hook)).unwrap_or_else(|_| {
+        log::error!("kvmesh dynamic module: a hook panicked; request passed on");
+        fallback
+    })
+}
+
+/// Runs `f` with the request path's pieces for this hook; `fallback` without a worker state.
+///
+/// # Safety
+/// `module` is a live pointer from `filter_new`; Envoy runs one hook of a stream at a time.
+unsafe fn with_request<T: Copy>(
+    envoy: FilterEnvoyPtr,
+    module: FilterModulePtr,
+    fallback: T,
+    f: impl FnOnce(&mut Request, &Thread<'_>, &mut EnvoyStream) -> T,
+) -> T {
+    // SAFETY: per the contract above.
+    let filter = unsafe { &mut *(module as *mut Filter) };
+    guarded(fallback, || {
+        // SAFETY: Envoy destroys a configuration only after every filter made from it.
+        let config: &Config = unsafe { &*filter.config };
+        match config.worker(envoy) {
+            Some(thread) => f(&mut filter.request, &thread, &mut EnvoyStream(envoy)),
+            None => fallback,
+        }
+    })
 }
 
 // ---- the hooks Envoy 1.40 resolves (all 21 are required, used or not) ----
@@ -393,22 +419,24 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     config: EnvoyBuffer,
 ) -> ConfigModulePtr {
     guarded(std::ptr::null(), || {
+        // Info: the per-request detail is at debug, off unless this is raised.
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Info);
+        }
         // SAFETY: valid for this call; copied by the parser.
         let bytes = unsafe { config.as_slice() };
         let filter = match FilterConfig::from_bytes(Some(bytes)) {
             Ok(filter) => filter,
             Err(e) => {
-                log(LOG_ERROR, &format!("kvmesh dynamic module: configuration: {e}"));
+                log::error!("kvmesh dynamic module: {e}");
                 return std::ptr::null();
             }
         };
         let config = Config {
             filter,
-            routers: (0..MAX_WORKERS).map(|_| OnceLock::new()).collect(),
-            routed_total: define(config_envoy, "kvmesh_filter_decisions_routed_total", false),
-            decision_us_total: define(config_envoy, "kvmesh_filter_decision_microseconds_total", false),
-            decision_us: define(config_envoy, "kvmesh_filter_decision_microseconds", true),
-            fallbacks_total: define(config_envoy, "kvmesh_filter_fallbacks_total", false),
+            workers: (0..MAX_WORKERS).map(|_| OnceLock::new()).collect(),
+            metrics: Metrics::define(EnvoyStats(config_envoy)),
+            accuracy: AccuracyMetrics::define(EnvoyStats(config_envoy)),
         };
         Box::into_raw(Box::new(config)) as ConfigModulePtr
     })
@@ -429,7 +457,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     config: ConfigModulePtr,
     _filter_envoy: FilterEnvoyPtr,
 ) -> FilterModulePtr {
-    let filter = Filter { config: config as *const Config, phase: Phase::Headers };
+    let filter = Filter { config: config as *const Config, request: Request::new(0) };
     Box::into_raw(Box::new(filter)) as FilterModulePtr
 }
 
@@ -443,13 +471,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: Fil
     }
 }
 
-/// The request's state from the module pointer Envoy passes back.
-///
-/// # Safety
-/// `module` is a live pointer from `filter_new`; Envoy runs one hook of a stream at a time.
-unsafe fn state<'a>(module: FilterModulePtr) -> &'a mut Filter {
-    // SAFETY: per the contract above.
-    unsafe { &mut *(module as *mut Filter) }
+/// Maps the request path's answer to a status: `Stop` holds the headers, or buffers the body.
+fn status(action: flow::Action, stop: u32) -> u32 {
+    match action {
+        flow::Action::Continue => CONTINUE,
+        flow::Action::Stop => stop,
+    }
 }
 
 /// # Safety
@@ -461,8 +488,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     end_of_stream: bool,
 ) -> u32 {
     // SAFETY: per the hook's contract.
-    let filter = unsafe { state(module) };
-    guarded(HEADERS_CONTINUE, || filter.on_request_headers(envoy, end_of_stream))
+    unsafe {
+        with_request(envoy, module, HEADERS_CONTINUE, |request, thread, stream| {
+            status(request.on_request_headers(thread, stream, end_of_stream), HEADERS_STOP_ITERATION)
+        })
+    }
 }
 
 /// # Safety
@@ -474,8 +504,48 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     end_of_stream: bool,
 ) -> u32 {
     // SAFETY: per the hook's contract.
-    let filter = unsafe { state(module) };
-    guarded(BODY_CONTINUE, || filter.on_request_body(envoy, end_of_stream))
+    unsafe {
+        with_request(envoy, module, BODY_CONTINUE, |request, thread, stream| {
+            let size = stream.request_body_size();
+            status(
+                request.on_request_body(thread, stream, size, end_of_stream),
+                BODY_STOP_ITERATION_AND_BUFFER,
+            )
+        })
+    }
+}
+
+/// # Safety
+/// Envoy's pointers for a live stream.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    envoy: FilterEnvoyPtr,
+    module: FilterModulePtr,
+    end_of_stream: bool,
+) -> u32 {
+    // SAFETY: per the hook's contract.
+    unsafe {
+        with_request(envoy, module, CONTINUE, |request, thread, stream| {
+            status(request.on_response_headers(thread, stream, end_of_stream), CONTINUE)
+        })
+    }
+}
+
+/// # Safety
+/// Envoy's pointers for a live stream.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    envoy: FilterEnvoyPtr,
+    module: FilterModulePtr,
+    end_of_stream: bool,
+) -> u32 {
+    // SAFETY: per the hook's contract.
+    unsafe {
+        with_request(envoy, module, CONTINUE, |request, thread, stream| {
+            let size = stream.response_body_size();
+            status(request.on_response_body(thread, stream, size, end_of_stream), CONTINUE)
+        })
+    }
 }
 
 /// # Safety
@@ -486,32 +556,13 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     module: FilterModulePtr,
 ) {
     // SAFETY: per the hook's contract.
-    let filter = unsafe { state(module) };
-    guarded((), || filter.on_stream_complete(envoy))
+    unsafe { with_request(envoy, module, (), |request, thread, _| request.on_end(thread)) }
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     _: FilterEnvoyPtr,
     _: FilterModulePtr,
-) -> u32 {
-    CONTINUE
-}
-
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
-    _: FilterEnvoyPtr,
-    _: FilterModulePtr,
-    _end_of_stream: bool,
-) -> u32 {
-    CONTINUE
-}
-
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
-    _: FilterEnvoyPtr,
-    _: FilterModulePtr,
-    _end_of_stream: bool,
 ) -> u32 {
     CONTINUE
 }
