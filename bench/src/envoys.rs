@@ -388,7 +388,8 @@ impl RunningEnvoy {
         Histogram::from_envoy_json(&resp.message.body_text())
     }
 
-    /// Per-VM tokenizer load times the filter logged (`kvmesh filter ... loaded in N ms`), in order.
+    /// Per-VM tokenizer load times the filter logged (`kvmesh filter ... loaded in N ms`; the native
+    /// module's `... router loaded in N ms` per worker), in order.
     pub fn filter_load_ms(&self) -> Vec<u64> {
         filter_load_ms(&self.process.log_text())
     }
@@ -427,7 +428,10 @@ pub fn load_average() -> f64 {
 /// The `loaded in N ms` figures of the filter's log lines.
 pub fn filter_load_ms(log: &str) -> Vec<u64> {
     log.lines()
-        .filter(|l| l.contains("kvmesh filter") && l.contains("configured"))
+        .filter(|l| {
+            (l.contains("kvmesh filter") && l.contains("configured"))
+                || (l.contains("kvmesh dynamic module") && l.contains("router loaded"))
+        })
         .filter_map(|l| l.rsplit_once("loaded in ")?.1.trim_end().strip_suffix(" ms")?.parse().ok())
         .collect()
 }
@@ -557,6 +561,8 @@ mod tests {
 [2026-11-25 03:41:29.101][1][info][main] [server.cc:1098] starting main dispatch loop
 ";
         assert_eq!(filter_load_ms(log), vec![1269, 1024]);
+        let native = "[2026-12-07 19:40:00.000][2][info][dynamic_modules] [:] kvmesh dynamic module: worker 0 router loaded in 812 ms";
+        assert_eq!(filter_load_ms(native), vec![812]);
         let phases = StartupPhases::from_log(log);
         assert_eq!(phases.bootstrap_ms.map(f64::round), Some(4431.0));
         assert_eq!(phases.listeners_ms.map(f64::round), Some(10099.0));

@@ -391,8 +391,9 @@ fn machine() -> Result<Machine> {
     })
 }
 
-/// Fresh starts: plain Envoy, the module with an empty configuration, and the module with Qwen3;
-/// each start of the last also sends a small chat, then a long prompt never seen, then it again.
+/// Fresh starts: plain Envoy, the module with an empty configuration, the module with Qwen3 (each
+/// start also sends a small chat, then a long prompt never seen, then it again), and the native
+/// module with Qwen3 (one small chat, which builds the worker's router).
 fn startup(
     options: &Options,
     upstream_ports: &[u16],
@@ -405,6 +406,7 @@ fn startup(
         ("plain (no Wasm)", Target::Plain),
         ("filter module, empty configuration", Target::FilterPassthrough),
         ("filter module + Qwen3 tokenizer, 4 workers", Target::Filter),
+        ("native module + Qwen3 tokenizer, 4 workers", Target::NativeKvAware),
     ];
     let small = workloads.iter().find(|w| w.name == "small-chat").context("small-chat workload")?;
     for (label, target) in configs {
@@ -414,7 +416,15 @@ fn startup(
             let envoy = RunningEnvoy::start_target(target, upstream_ports, target_cpu, None)?;
             row.ready_ms.push(envoy.ready_after.as_secs_f64() * 1_000.0);
             row.phases.push(envoy.startup_phases());
-            if target.routes() {
+            if target == Target::NativeKvAware {
+                // The native module builds a worker's router on that worker's first request.
+                let mut connection = Connection::open(envoy.addr())?;
+                let status = connection.exchange(&small.request(0))?;
+                if status != 200 {
+                    bail!("{label}: the first request answered {status}");
+                }
+                row.vm_load_ms.push(envoy.filter_load_ms());
+            } else if target.routes() {
                 // The worker VM logs its load line just before the dispatch loop; give it a moment.
                 std::thread::sleep(Duration::from_millis(200));
                 row.vm_load_ms.push(envoy.filter_load_ms());
