@@ -202,11 +202,9 @@ impl Request {
         if matches!(self.phase, Phase::Routed(_)) && !end_of_stream && settings.sample_accuracy() {
             let ok = s.response_header(":status").is_some_and(|v| v == "200");
             // Only successful JSON or event-stream answers carry `usage`; compressed ones are not read.
-            let encoding = s.response_header("content-encoding").map(Cow::into_owned);
-            self.usage = s
-                .response_header("content-type")
-                .filter(|_| ok)
-                .and_then(|ct| UsageScanner::for_response(&ct, encoding.as_deref()));
+            self.usage = s.response_header("content-type").filter(|_| ok).and_then(|ct| {
+                UsageScanner::for_response(&ct, s.response_header("content-encoding").as_deref())
+            });
         }
         Action::Continue
     }

@@ -16,6 +16,7 @@
 mod abi;
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
@@ -200,41 +201,41 @@ impl EnvoyStream {
         found.then(|| std::str::from_utf8(unsafe { value.as_slice() }).ok().map(Cow::Borrowed)).flatten()
     }
 
-    /// Calls `read` with the chunks of `types`, in order, as one slice (zero-copy for one chunk).
+    /// Calls `read` with the chunks of `types`, in order, as one slice: zero-copy for one chunk,
+    /// else gathered in this thread's buffer (no allocation per request once it has grown).
     fn with_body<T>(&self, types: &[u32], read: impl FnOnce(&[u8]) -> T) -> T {
-        let mut chunks: Vec<EnvoyBuffer> = Vec::new();
-        // SAFETY: the running hook's pointer; each chunk array is sized by Envoy's own count.
-        unsafe {
-            for &body_type in types {
-                let n = envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, body_type);
-                if n == 0 {
-                    continue;
-                }
-                let start = chunks.len();
-                chunks.resize(start + n, EnvoyBuffer::EMPTY);
-                if !envoy_dynamic_module_callback_http_get_body_chunks(
-                    self.0,
-                    body_type,
-                    chunks[start..].as_mut_ptr(),
-                ) {
-                    chunks.truncate(start);
+        SCRATCH.with_borrow_mut(|Scratch { chunks, body }| {
+            chunks.clear();
+            // SAFETY: the running hook's pointer; each chunk array is sized by Envoy's own count.
+            unsafe {
+                for &body_type in types {
+                    let n = envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, body_type);
+                    if n == 0 {
+                        continue;
+                    }
+                    let start = chunks.len();
+                    chunks.resize(start + n, EnvoyBuffer::EMPTY);
+                    let filled = chunks[start..].as_mut_ptr();
+                    if !envoy_dynamic_module_callback_http_get_body_chunks(self.0, body_type, filled) {
+                        chunks.truncate(start);
+                    }
                 }
             }
-        }
-        chunks.retain(|c| c.length > 0);
-        match chunks.as_slice() {
-            [] => read(&[]),
-            // SAFETY: inside the hook.
-            [one] => read(unsafe { one.as_slice() }),
-            many => {
-                let mut body = Vec::with_capacity(many.iter().map(|c| c.length).sum());
-                for chunk in many {
-                    // SAFETY: inside the hook.
-                    body.extend_from_slice(unsafe { chunk.as_slice() });
+            chunks.retain(|c| c.length > 0);
+            match chunks.as_slice() {
+                [] => read(&[]),
+                // SAFETY: inside the hook.
+                [one] => read(unsafe { one.as_slice() }),
+                many => {
+                    body.clear();
+                    for chunk in many {
+                        // SAFETY: inside the hook.
+                        body.extend_from_slice(unsafe { chunk.as_slice() });
+                    }
+                    read(body)
                 }
-                read(&body)
             }
-        }
+        })
     }
 
     /// The response body chunk just received, in bytes.
@@ -337,6 +338,19 @@ impl Stream for EnvoyStream {
     fn now() -> SystemTime {
         SystemTime::now()
     }
+}
+
+/// A worker thread's reusable buffers for reading bodies.
+#[derive(Default)]
+struct Scratch {
+    /// The chunk list Envoy fills.
+    chunks: Vec<EnvoyBuffer>,
+    /// A body that came in several chunks, gathered.
+    body: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// One request: its configuration and its state in the request path.
