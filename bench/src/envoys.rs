@@ -389,7 +389,7 @@ impl RunningEnvoy {
     }
 
     /// Per-VM tokenizer load times the filter logged (`kvmesh filter ... loaded in N ms`; the native
-    /// module's `... router loaded in N ms` per worker), in order.
+    /// module logs the same line once per configuration), in order.
     pub fn filter_load_ms(&self) -> Vec<u64> {
         filter_load_ms(&self.process.log_text())
     }
@@ -428,10 +428,7 @@ pub fn load_average() -> f64 {
 /// The `loaded in N ms` figures of the filter's log lines.
 pub fn filter_load_ms(log: &str) -> Vec<u64> {
     log.lines()
-        .filter(|l| {
-            (l.contains("kvmesh filter") && l.contains("configured"))
-                || (l.contains("kvmesh dynamic module") && l.contains("router loaded"))
-        })
+        .filter(|l| l.contains("kvmesh filter") && l.contains("configured"))
         .filter_map(|l| l.rsplit_once("loaded in ")?.1.trim_end().strip_suffix(" ms")?.parse().ok())
         .collect()
 }
@@ -561,7 +558,7 @@ mod tests {
 [2026-11-25 03:41:29.101][1][info][main] [server.cc:1098] starting main dispatch loop
 ";
         assert_eq!(filter_load_ms(log), vec![1269, 1024]);
-        let native = "[2026-12-07 19:40:00.000][2][info][dynamic_modules] [:] kvmesh dynamic module: worker 0 router loaded in 812 ms";
+        let native = "[2026-12-07 19:40:00.000][1][info][dynamic_modules] [:] kvmesh filter 0.1.0 configured (dynamic module): 1 static models, 4 static workers, loaded in 812 ms";
         assert_eq!(filter_load_ms(native), vec![812]);
         let phases = StartupPhases::from_log(log);
         assert_eq!(phases.bootstrap_ms.map(f64::round), Some(4431.0));

@@ -393,7 +393,7 @@ fn machine() -> Result<Machine> {
 
 /// Fresh starts: plain Envoy, the module with an empty configuration, the module with Qwen3 (each
 /// start also sends a small chat, then a long prompt never seen, then it again), and the native
-/// module with Qwen3 (one small chat, which builds the worker's router).
+/// module with Qwen3.
 fn startup(
     options: &Options,
     upstream_ports: &[u16],
@@ -417,12 +417,7 @@ fn startup(
             row.ready_ms.push(envoy.ready_after.as_secs_f64() * 1_000.0);
             row.phases.push(envoy.startup_phases());
             if target == Target::NativeKvAware {
-                // The native module builds a worker's router on that worker's first request.
-                let mut connection = Connection::open(envoy.addr())?;
-                let status = connection.exchange(&small.request(0))?;
-                if status != 200 {
-                    bail!("{label}: the first request answered {status}");
-                }
+                // The native module loads its tokenizer with the configuration, before `ready`.
                 row.vm_load_ms.push(envoy.filter_load_ms());
             } else if target.routes() {
                 // The worker VM logs its load line just before the dispatch loop; give it a moment.

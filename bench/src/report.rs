@@ -278,8 +278,8 @@ fn startup(out: &mut String, report: &Report) {
          worker; V8 compiles the module eagerly). Ready: spawn to the first 200 from `/ready`, median and \
          range of the starts. Phases from Envoy's log: bootstrap (reading the YAML, which holds the \
          tokenizer inline), listeners (module compiled, main-thread VMs configured), workers (the worker's \
-         VM configured). VM loads: what the filter logs (`loaded in N ms`) per VM; the native module builds \
-         a worker's router (the tokenizer load) on that worker's first request, after `ready`.\n"
+         VM configured). VM loads: what the filter logs (`loaded in N ms`) per VM (the native module: once per \
+         configuration, its worker threads sharing the load).\n"
     );
     let _ = writeln!(out, "| configuration | starts | ready | bootstrap | listeners | workers | VM loads |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|");

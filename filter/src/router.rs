@@ -61,6 +61,18 @@ impl Model {
         let encoder = tokenizer.encoder(cache);
         Ok(Model { tokenizer, encoder, template, block_size, tokenizer_id })
     }
+
+    /// The same model for another thread: the loaded tokenizer shared, its own template, encoder
+    /// and caches.
+    fn fork(&self, cache: SegmentCacheConfig) -> Model {
+        Model {
+            tokenizer: self.tokenizer.clone(),
+            encoder: self.tokenizer.encoder(cache),
+            template: self.tokenizer.chat_template(None, false).ok(),
+            block_size: self.block_size,
+            tokenizer_id: self.tokenizer_id.clone(),
+        }
+    }
 }
 
 /// Why a request was not routed, with the HTTP status it is answered with.
@@ -194,12 +206,8 @@ pub struct Router {
 impl Router {
     /// Loads every static model's tokenizer and template and registers the static workers.
     pub fn new(config: &FilterConfig) -> Result<Router, Error> {
-        let routing = config.routing();
-        let invalid =
-            |e: kvmesh_core::Error| Error::Invalid { field: "routing".to_owned(), reason: e.to_string() };
-        let default_policy = Policy::new(routing).map_err(invalid)?;
-        let stale_policy =
-            Policy::new(RoutingConfig { policy: PolicyKind::LoadOnly, ..routing }).map_err(invalid)?;
+        // A bad policy fails before the tokenizers' seconds of loading.
+        let policies = Router::policies(config)?;
         let segment_cache = config.segment_cache.to_core();
         let mut models = HashMap::with_capacity(config.models.len());
         for m in &config.models {
@@ -218,6 +226,36 @@ impl Router {
                 Model::load(&m.name, files, block_size, String::new(), segment_cache)?,
             );
         }
+        Router::with_models(config, models, policies)
+    }
+
+    /// A router for another thread of this process, from `config` (the one this router was made
+    /// from): its loaded models shared, not loaded again; its own caches, fleet view and recent
+    /// decisions.
+    pub fn fork(&self, config: &FilterConfig) -> Result<Router, Error> {
+        let policies = Router::policies(config)?;
+        let models = self.models.iter().map(|(name, m)| (name.clone(), m.fork(self.segment_cache))).collect();
+        Router::with_models(config, models, policies)
+    }
+
+    /// The configured policy, and the load-only one for stale state.
+    fn policies(config: &FilterConfig) -> Result<(Policy, Policy), Error> {
+        let routing = config.routing();
+        let invalid =
+            |e: kvmesh_core::Error| Error::Invalid { field: "routing".to_owned(), reason: e.to_string() };
+        let default_policy = Policy::new(routing).map_err(invalid)?;
+        let stale_policy =
+            Policy::new(RoutingConfig { policy: PolicyKind::LoadOnly, ..routing }).map_err(invalid)?;
+        Ok((default_policy, stale_policy))
+    }
+
+    /// A router for `config` with its `models` loaded and its `(default, stale)` policies.
+    fn with_models(
+        config: &FilterConfig,
+        models: HashMap<String, Model>,
+        (default_policy, stale_policy): (Policy, Policy),
+    ) -> Result<Router, Error> {
+        let segment_cache = config.segment_cache.to_core();
         let mut router = Router {
             fleet: Fleet::new(),
             index: PrefixIndex::new(INDEX_MAX_BLOCKS),
@@ -604,6 +642,26 @@ pub(crate) mod tests {
             {"role": "system", "content": system}, {"role": "user", "content": user}]})
         .to_string()
         .into_bytes()
+    }
+
+    #[test]
+    fn a_fork_shares_the_loaded_tokenizer_and_starts_its_own_state() {
+        let config = config(4);
+        let mut first = Router::new(&config).expect("router");
+        let system = "a long shared system prompt that spans many blocks of four bytes each";
+        let routed = first.route(Endpoint::ChatCompletions, &chat(system, "one"), 0, 0).expect("routed");
+        let mut fork = first.fork(&config).expect("fork");
+        for (name, model) in &fork.models {
+            assert!(model.tokenizer.shares_with(&first.models[name].tokenizer), "{name} loaded again");
+        }
+        let in_flight = |r: &Router| r.fleet.iter().map(|(_, e)| e.load.inflight_requests).sum::<u32>();
+        assert_eq!((in_flight(&first), in_flight(&fork)), (1, 0), "the fork has its own fleet view");
+        // The fork routes as a fresh router does: the same decision for the same first request.
+        let mut fresh = Router::new(&config).expect("router");
+        let again =
+            |r: &mut Router| r.route(Endpoint::ChatCompletions, &chat(system, "one"), 0, 0).expect("routed");
+        assert_eq!(again(&mut fork).destination, again(&mut fresh).destination);
+        assert_eq!(routed.destination, again(&mut Router::new(&config).expect("router")).destination);
     }
 
     #[test]

@@ -9,9 +9,10 @@
 //! plugin JSON, with Envoy's dynamic-module callbacks as its host. What it leaves out: the control
 //! plane's state (static workers and models only).
 //!
-//! One router per Envoy worker thread (as one Wasm VM per thread), built on the thread's first
-//! request; metrics are the configuration's, shared by every thread (Envoy's stats are
-//! thread-safe). Nothing here may panic across the C boundary: every hook catches unwinding.
+//! The tokenizers load once, when Envoy loads the configuration (a bad one is refused there); each
+//! Envoy worker thread forks its own router from that one on its first request (its own caches
+//! and fleet view, as one Wasm VM per thread has); metrics are the configuration's, shared by
+//! every thread (Envoy's stats are thread-safe). Nothing here may panic across the C boundary: every hook catches unwinding.
 
 mod abi;
 
@@ -21,12 +22,12 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
-use kvmesh_filter::FilterConfig;
 use kvmesh_filter::accuracy::AccuracyMetrics;
 use kvmesh_filter::flow::{self, Request, Settings, Stream, Worker};
 use kvmesh_filter::metrics::Metrics;
 use kvmesh_filter::router::Router;
 use kvmesh_filter::stats::{MetricKind, StatsSink};
+use kvmesh_filter::{FILTER_VERSION, FilterConfig};
 
 use abi::*;
 
@@ -36,6 +37,9 @@ const MAX_WORKERS: usize = 256;
 /// One filter configuration (`filter_config` of the Envoy filter).
 struct Config {
     filter: FilterConfig,
+    /// Built when Envoy loads the configuration (the tokenizers loaded once per process); each
+    /// worker thread forks its own from it.
+    loaded: Mutex<Router>,
     /// One per Envoy worker thread, by `get_worker_index`, made on first use.
     workers: Box<[OnceLock<WorkerState>]>,
     metrics: Metrics<EnvoyStats>,
@@ -50,21 +54,19 @@ struct WorkerState {
 }
 
 impl Config {
-    /// The state of the worker thread `filter` runs on, made there on first use (`None`: more
-    /// worker threads than [`MAX_WORKERS`]).
+    /// The state of the worker thread `filter` runs on, made there on its first request (a fork
+    /// of the loaded router: no tokenizer load) (`None`: more worker threads than [`MAX_WORKERS`]).
     fn worker(&self, filter: FilterEnvoyPtr) -> Option<Thread<'_>> {
         // SAFETY: `filter` is the pointer Envoy passed to the running hook.
         let index = unsafe { envoy_dynamic_module_callback_http_filter_get_worker_index(filter) } as usize;
         let state = self.workers.get(index)?.get_or_init(|| {
-            let started = Instant::now();
-            let router = match Router::new(&self.filter) {
-                Ok(router) => {
-                    log::info!(
-                        "kvmesh dynamic module: worker {index} router loaded in {} ms",
-                        started.elapsed().as_millis()
-                    );
-                    Some(Mutex::new(router))
-                }
+            let forked = self
+                .loaded
+                .lock()
+                .map_err(|_| "poisoned".to_owned())
+                .and_then(|loaded| loaded.fork(&self.filter).map_err(|e| e.to_string()));
+            let router = match forked {
+                Ok(router) => Some(Mutex::new(router)),
                 Err(e) => {
                     log::error!("kvmesh dynamic module: worker {index} has no router: {e}");
                     None
@@ -446,8 +448,24 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 return std::ptr::null();
             }
         };
+        let started = Instant::now();
+        let loaded = match Router::new(&filter) {
+            Ok(router) => router,
+            Err(e) => {
+                log::error!("kvmesh dynamic module: {e}");
+                return std::ptr::null();
+            }
+        };
+        // The Wasm filter's line, so the benchmark reads both alike.
+        log::info!(
+            "kvmesh filter {FILTER_VERSION} configured (dynamic module): {} static models, {} static workers, loaded in {} ms",
+            loaded.model_count(),
+            loaded.worker_count(),
+            started.elapsed().as_millis()
+        );
         let config = Config {
             filter,
+            loaded: Mutex::new(loaded),
             workers: (0..MAX_WORKERS).map(|_| OnceLock::new()).collect(),
             metrics: Metrics::define(EnvoyStats(config_envoy)),
             accuracy: AccuracyMetrics::define(EnvoyStats(config_envoy)),

@@ -230,6 +230,11 @@ impl Tokenizer {
         Ok(out)
     }
 
+    /// Whether `other` is this very load (a clone of it), not another load of the same files.
+    pub fn shares_with(&self, other: &Tokenizer) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// An [`Encoder`] for this tokenizer: the per-thread state of the fast path (working buffers
     /// and a segment cache bounded by `cache`).
     pub fn encoder(&self, cache: SegmentCacheConfig) -> Encoder {
