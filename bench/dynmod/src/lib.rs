@@ -12,7 +12,8 @@
 //! The tokenizers load once, when Envoy loads the configuration (a bad one is refused there); each
 //! Envoy worker thread forks its own router from that one on its first request (its own caches
 //! and fleet view, as one Wasm VM per thread has); metrics are the configuration's, shared by
-//! every thread (Envoy's stats are thread-safe). Nothing here may panic across the C boundary: every hook catches unwinding.
+//! every thread (Envoy's stats are thread-safe). Nothing here may panic across the C boundary:
+//! every hook catches unwinding.
 
 mod abi;
 
