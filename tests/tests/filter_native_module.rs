@@ -109,3 +109,35 @@ fn native_module_drops_a_client_chosen_destination() {
     assert_eq!(received.len(), 1, "the upstream saw the request");
     assert_eq!(received[0].header(DESTINATION_HEADER), None, "the client's header was forwarded");
 }
+
+#[test]
+fn native_module_loads_once_and_serves_every_worker_thread() {
+    let mut sims: Vec<Sim> = (0..4).map(|i| Sim::start(i, 512)).collect();
+    for sim in &mut sims {
+        sim.wait_ready();
+    }
+    let mut config = EnvoyConfig::new(sims.iter().map(|s| s.port).collect());
+    config.plugin_config = static_plugin_config(&sims, MAX_BODY_BYTES);
+    config.override_host_header = DESTINATION_HEADER.to_owned();
+    config.dynamic_module = Some(filter_dynamic_module());
+    config.concurrency = 2;
+    let envoy = Envoy::start(config);
+
+    // Concurrent requests on fresh connections: both worker threads fork a router and count into
+    // the configuration's metrics.
+    std::thread::scope(|scope| {
+        for i in 0..8 {
+            let envoy = &envoy;
+            scope.spawn(move || {
+                let resp =
+                    post_chat(envoy.port(), &chat(&system_prompt("geology"), &format!("question {i}")));
+                assert_eq!(resp.status, 200, "{}", resp.message.body_text());
+            });
+        }
+    });
+    assert_eq!(counter(&envoy, "kvmesh_filter_decisions_routed_total"), 8);
+    let log = envoy.process.log_text();
+    let loads = log.lines().filter(|l| l.contains("configured (dynamic module)")).count();
+    assert_eq!(loads, 1, "one tokenizer load for the whole process; log:\n{log}");
+    assert!(!log.contains("has no router"), "every worker forked its router; log:\n{log}");
+}
