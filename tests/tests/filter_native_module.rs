@@ -32,8 +32,8 @@ fn counter(envoy: &Envoy, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in /stats:\n{stats}"))
 }
 
-#[test]
-fn native_module_routes_on_cached_prefix_and_answers_errors() {
+/// 4 sims, and Envoy with `concurrency` worker threads running the native module over them.
+fn native_fleet(concurrency: u32) -> (Vec<Sim>, Envoy) {
     let mut sims: Vec<Sim> = (0..4).map(|i| Sim::start(i, 512)).collect();
     for sim in &mut sims {
         sim.wait_ready();
@@ -42,7 +42,13 @@ fn native_module_routes_on_cached_prefix_and_answers_errors() {
     config.plugin_config = static_plugin_config(&sims, MAX_BODY_BYTES);
     config.override_host_header = DESTINATION_HEADER.to_owned();
     config.dynamic_module = Some(filter_dynamic_module());
-    let envoy = Envoy::start(config);
+    config.concurrency = concurrency;
+    (sims, Envoy::start(config))
+}
+
+#[test]
+fn native_module_routes_on_cached_prefix_and_answers_errors() {
+    let (_sims, envoy) = native_fleet(1);
     let log = || envoy.process.log_text();
 
     // The same long prefix twice: the second request lands where the first left it cached.
@@ -112,16 +118,7 @@ fn native_module_drops_a_client_chosen_destination() {
 
 #[test]
 fn native_module_loads_once_and_serves_every_worker_thread() {
-    let mut sims: Vec<Sim> = (0..4).map(|i| Sim::start(i, 512)).collect();
-    for sim in &mut sims {
-        sim.wait_ready();
-    }
-    let mut config = EnvoyConfig::new(sims.iter().map(|s| s.port).collect());
-    config.plugin_config = static_plugin_config(&sims, MAX_BODY_BYTES);
-    config.override_host_header = DESTINATION_HEADER.to_owned();
-    config.dynamic_module = Some(filter_dynamic_module());
-    config.concurrency = 2;
-    let envoy = Envoy::start(config);
+    let (_sims, envoy) = native_fleet(2);
 
     // Concurrent requests on fresh connections: both worker threads fork a router and count into
     // the configuration's metrics.
