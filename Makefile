@@ -49,8 +49,8 @@ lint: ## Check formatting and run clippy with warnings as errors (the fuzz targe
 # --no-fail-fast: one crate's failure must not hide the others' results in CI.
 test: setup setup-vllm wasm lint test-wasm ## setup, setup-vllm, wasm, lint, core in V8, then every test (unit and integration with real Envoy, NATS and vLLM).
 	@# Integration tests start the kvmesh binary (sims behind Envoy) and load the native dynamic
-	@# module (bench/dynmod): build both first, explicitly.
-	@$(CARGO) build -p kvmesh-cli -p kvmesh-dynmod
+	@# module (filter-native): build both first, explicitly.
+	@$(CARGO) build -p kvmesh-cli -p kvmesh-filter-native
 	@$(CARGO) test --workspace --no-fail-fast
 
 bench: ## Run the kvmesh-core benchmarks (criterion).
@@ -60,7 +60,7 @@ bench: ## Run the kvmesh-core benchmarks (criterion).
 # smoke run. filter-stages is the filter's pipeline built for wasm, timed in node's V8 beside Envoy.
 bench-envoy: setup wasm ## Envoy with and without the filter: added latency, throughput, start-up.
 	@$(CARGO) build -p kvmesh-bench --bin filter-stages --target wasm32-wasip1 --profile wasm
-	@$(CARGO) build --release -p kvmesh-dynmod
+	@$(CARGO) build --release -p kvmesh-filter-native
 	@$(CARGO) run --release -p kvmesh-bench --bin envoy-overhead -- \
 		--v8-stages "$$CARGO_TARGET_DIR/wasm32-wasip1/wasm/filter-stages.wasm" $(ARGS)
 

@@ -46,7 +46,7 @@ pub enum Target {
     /// stops exact tokenizing at the first block they do not hold.
     FilterKvAware,
     /// The kv-aware filter's request path built natively as an Envoy dynamic module
-    /// (`bench/dynmod`, `libkvmesh_dynmod.so`) with the same plugin configuration: what the
+    /// (`filter-native`, `libkvmesh_filter_native.so`) with the same plugin configuration: what the
     /// decision costs without the Wasm machinery.
     NativeKvAware,
 }
@@ -220,17 +220,17 @@ static_resources:
     )
 }
 
-/// Where `cargo build --release -p kvmesh-dynmod` puts the dynamic module (or `KVMESH_DYNMOD`).
+/// Where `cargo build --release -p kvmesh-filter-native` puts the dynamic module (or `KVMESH_FILTER_NATIVE`).
 pub fn dynamic_module() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("KVMESH_DYNMOD") {
+    if let Some(path) = std::env::var_os("KVMESH_FILTER_NATIVE") {
         return Ok(PathBuf::from(path));
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| kvmesh_tests::cache_dir().join("target"));
-    let path = target.join("release/libkvmesh_dynmod.so");
+    let path = target.join("release/libkvmesh_filter_native.so");
     if !path.is_file() {
-        bail!("{} not found: run `cargo build --release -p kvmesh-dynmod`", path.display());
+        bail!("{} not found: run `cargo build --release -p kvmesh-filter-native`", path.display());
     }
     Ok(path)
 }

@@ -366,6 +366,6 @@ fn workloads(out: &mut String, report: &Report) {
          configuration with the kv-aware policy: no fleet index here, so it matches its own recent \
          decisions, and early exit stops exact tokenizing at the first block they do not hold), \
          `native-kv-aware` (the kv-aware filter's request path built natively as an Envoy dynamic \
-         module, `bench/dynmod`: the same router and configuration without the Wasm machinery)."
+         module, `filter-native`: the same router and configuration without the Wasm machinery)."
     );
 }

@@ -180,6 +180,20 @@ impl Router {
         wanted
     }
 
+    /// Takes the models this router wants (see [`Router::models_wanted`]) that `loaded` has, sharing
+    /// their tokenizers: another thread's load serves this one, as [`Router::fork`] does at start.
+    /// Returns how many it took.
+    pub fn adopt_models(&mut self, loaded: &Router) -> usize {
+        let mut adopted = 0;
+        for name in self.models_wanted() {
+            if let Some(model) = loaded.models.get(&name) {
+                self.models.insert(name, model.fork(self.segment_cache));
+                adopted += 1;
+            }
+        }
+        adopted
+    }
+
     /// Loads a model from the control plane's `ModelAssets` (the tokenizer as it ships, or its
     /// canonical form; the config and the template beside it). A model already loaded from the same
     /// files is kept.
@@ -364,6 +378,27 @@ mod tests {
         assert_eq!(routed.degraded, Some(Degraded::NoTokenizer));
         router.load_assets(&assets()).expect("assets load");
         assert!(router.models_wanted().is_empty());
+    }
+
+    #[test]
+    fn a_thread_adopts_the_models_another_router_loaded() {
+        let mut loaded = router();
+        loaded.apply(&snapshot(vec![worker(1)]));
+        let mut thread = router();
+        thread.apply(&snapshot(vec![worker(1)]));
+        thread.set_state_heard_at(Some(0));
+        assert_eq!(thread.adopt_models(&loaded), 0, "nothing loaded yet");
+        assert_eq!(thread.models_wanted(), ["m"]);
+        loaded.load_assets(&assets()).expect("assets load");
+        assert_eq!(thread.adopt_models(&loaded), 1);
+        assert!(thread.models_wanted().is_empty());
+        assert!(
+            thread.models["m"].tokenizer.shares_with(&loaded.models["m"].tokenizer),
+            "shared, not loaded again"
+        );
+        let routed = thread.route(Endpoint::Completions, PROMPT, 10, 0).expect("routed");
+        assert_eq!(routed.degraded, None, "tokenized with the adopted model");
+        assert_eq!(thread.adopt_models(&loaded), 0, "a model is adopted once");
     }
 
     #[test]

@@ -5,8 +5,11 @@
 //!   from `state` (the control plane's stream, relayed through shared data), from the static
 //!   `workers` / `models` lists here, or both;
 //! - the state service (a singleton `envoy.bootstrap.wasm` service with the same `vm_id`) has
-//!   `control_plane`: it holds the one gRPC stream per Envoy, fetches the models' tokenizer files,
-//!   and writes both to shared data for the HTTP filter's VMs.
+//!   `control_plane.cluster`: it holds the one gRPC stream per Envoy, fetches the models' tokenizer
+//!   files, and writes both to shared data for the HTTP filter's VMs.
+//!
+//! The native module (`filter-native`) takes the same JSON; there one configuration does both:
+//! `state` with `control_plane.address`, and the module holds the stream itself.
 
 use kvmesh_core::request::DEFAULT_MAX_BODY_BYTES;
 use kvmesh_core::tokenize::SegmentCacheConfig;
@@ -57,7 +60,9 @@ pub struct FilterConfig {
     /// Follow the control plane's fleet state and model files, as the state service relays them.
     #[serde(default)]
     pub state: Option<StateConfig>,
-    /// Makes this instance the state service (the bootstrap singleton), not an HTTP filter.
+    /// The control plane's connection. In the Wasm module, with `cluster`, it makes this instance
+    /// the state service (the bootstrap singleton), not an HTTP filter; in the native module, with
+    /// `address`, the module holds the stream itself beside `state`.
     #[serde(default)]
     pub control_plane: Option<ControlPlaneConfig>,
     /// How requests are scored (a model's policy from the control plane overrides it). Default:
@@ -115,12 +120,17 @@ pub struct StateConfig {
     pub poll_ms: u64,
 }
 
-/// The state service's connection to the control plane.
+/// The connection to the control plane: one gRPC stream per Envoy process.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneConfig {
-    /// The Envoy cluster (HTTP/2) of the control plane's gRPC listener.
-    pub cluster: String,
+    /// Wasm state service: the Envoy cluster (HTTP/2) of the control plane's gRPC listener.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Native module: the control plane's gRPC endpoint, `http://host:port`, which the module
+    /// connects to itself (not through Envoy).
+    #[serde(default)]
+    pub address: Option<String>,
     /// The name this Envoy gives itself in the subscription (logs and metrics only).
     #[serde(default = "defaults::node")]
     pub node: String,
@@ -238,9 +248,9 @@ impl FilterConfig {
         })
     }
 
-    /// Whether this instance is the state service rather than an HTTP filter.
+    /// Whether this instance is the Wasm state service rather than an HTTP filter.
     pub fn is_state_service(&self) -> bool {
-        self.control_plane.is_some()
+        self.control_plane.as_ref().is_some_and(|cp| cp.cluster.is_some())
     }
 
     /// Checks what serde cannot: ranges and cross-references; the error names the field.
@@ -248,10 +258,42 @@ impl FilterConfig {
         let invalid = |field: String, reason: String| Error::Invalid { field, reason };
         self.routing().validate().map_err(|e| invalid("routing".to_owned(), e.to_string()))?;
         if let Some(cp) = &self.control_plane {
-            if cp.cluster.is_empty() {
-                return Err(invalid("control_plane.cluster".to_owned(), "must name a cluster".to_owned()));
+            match (&cp.cluster, &cp.address) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(
+                        "control_plane".to_owned(),
+                        "needs exactly one of `cluster` (the Wasm state service) and `address` (the \
+                         native module)"
+                            .to_owned(),
+                    ));
+                }
+                (Some(cluster), None) if cluster.is_empty() => {
+                    return Err(invalid(
+                        "control_plane.cluster".to_owned(),
+                        "must name a cluster".to_owned(),
+                    ));
+                }
+                (None, Some(address)) => {
+                    if !(address.starts_with("http://") || address.starts_with("https://")) {
+                        return Err(invalid(
+                            "control_plane.address".to_owned(),
+                            format!("`{address}` is not an http:// or https:// URI"),
+                        ));
+                    }
+                    if self.state.is_none() {
+                        return Err(invalid(
+                            "state".to_owned(),
+                            "is needed beside `control_plane.address`: it says how the stream's state \
+                             is used"
+                                .to_owned(),
+                        ));
+                    }
+                }
+                (Some(_), None) => {}
             }
-            if self.state.is_some() || !self.models.is_empty() || !self.workers.is_empty() {
+            if self.is_state_service()
+                && (self.state.is_some() || !self.models.is_empty() || !self.workers.is_empty())
+            {
                 return Err(invalid(
                     "control_plane".to_owned(),
                     "is the state service's setting; it cannot be combined with `state`, `models` or \
@@ -365,6 +407,22 @@ mod tests {
         let mixed = br#"{"control_plane":{"cluster":"cp"},"state":{}}"#;
         let err = FilterConfig::from_bytes(Some(mixed)).expect_err("invalid");
         assert!(err.to_string().contains("`control_plane`"), "{err}");
+    }
+
+    #[test]
+    fn native_connection_needs_an_address_and_state() {
+        let ok = br#"{"control_plane":{"address":"http://127.0.0.1:7001"},"state":{}}"#;
+        let config = FilterConfig::from_bytes(Some(ok)).expect("valid");
+        assert!(!config.is_state_service());
+        for (bad, field) in [
+            (&br#"{"control_plane":{"address":"http://127.0.0.1:7001"}}"#[..], "`state`"),
+            (br#"{"control_plane":{"address":"127.0.0.1:7001"},"state":{}}"#, "control_plane.address"),
+            (br#"{"control_plane":{"cluster":"cp","address":"http://a:1"}}"#, "exactly one"),
+            (br#"{"control_plane":{}}"#, "exactly one"),
+        ] {
+            let err = FilterConfig::from_bytes(Some(bad)).expect_err("invalid");
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use kvmesh_core::PolicyKind;
 use kvmesh_core::template::RenderPath;
 
-use crate::relay::Polled;
+use crate::relay::{Polled, Received};
 use crate::router::{Degraded, RejectKind, Routed};
 use crate::stats::{MetricKind, StatsSink};
 
@@ -225,6 +225,77 @@ impl<S: StatsSink> Metrics<S> {
     fn warn(&self, error: &str) {
         if !self.warned.swap(true, Ordering::Relaxed) {
             log::warn!("kvmesh filter: metric update failed: {error}");
+        }
+    }
+}
+
+/// The control-plane stream's metrics, kept by whatever holds the stream: the Wasm state service,
+/// or the native module's connection thread.
+pub struct StreamMetrics<S> {
+    sink: S,
+    connected: Option<u32>,
+    opens: Option<u32>,
+    updates: Option<u32>,
+    snapshots: Option<u32>,
+    gaps: Option<u32>,
+    errors: Option<u32>,
+    assets_fetched: Option<u32>,
+    assets_failed: Option<u32>,
+}
+
+impl<S: StatsSink> StreamMetrics<S> {
+    /// Defines the stream's metrics in `sink`.
+    pub fn define(sink: S) -> StreamMetrics<S> {
+        use MetricKind::{Counter, Gauge};
+        let define = |kind, name: &str| define(&sink, kind, name);
+        StreamMetrics {
+            connected: define(Gauge, "kvmesh_filter_state_stream_connected"),
+            opens: define(Counter, "kvmesh_filter_state_stream_opens_total"),
+            updates: define(Counter, "kvmesh_filter_state_updates_relayed_total"),
+            snapshots: define(Counter, "kvmesh_filter_state_snapshots_relayed_total"),
+            gaps: define(Counter, "kvmesh_filter_state_gaps_total"),
+            errors: define(Counter, "kvmesh_filter_state_errors_total"),
+            assets_fetched: define(Counter, "kvmesh_filter_assets_fetched_total"),
+            assets_failed: define(Counter, "kvmesh_filter_assets_failures_total"),
+            sink,
+        }
+    }
+
+    /// 1 while the stream delivers, 0 once it closed.
+    pub fn set_connected(&self, connected: bool) {
+        if let Some(id) = self.connected {
+            let _ = self.sink.set(id, u64::from(connected));
+        }
+    }
+
+    /// The stream was (re)opened.
+    pub fn opened(&self) {
+        self.add(self.opens, 1);
+    }
+
+    /// What one stream message was.
+    pub fn received(&self, received: &Received) {
+        match received {
+            Received::Snapshot => self.add(self.snapshots, 1),
+            Received::Delta => self.add(self.updates, 1),
+            Received::Gap => self.add(self.gaps, 1),
+            Received::Heartbeat => {}
+        }
+    }
+
+    /// A message that could not be relayed.
+    pub fn error(&self) {
+        self.add(self.errors, 1);
+    }
+
+    /// A model's files fetched and relayed, or not.
+    pub fn assets(&self, ok: bool) {
+        self.add(if ok { self.assets_fetched } else { self.assets_failed }, 1);
+    }
+
+    fn add(&self, id: Option<u32>, by: u64) {
+        if let Some(id) = id {
+            let _ = self.sink.add(id, by);
         }
     }
 }

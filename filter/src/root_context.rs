@@ -138,12 +138,15 @@ impl RootContext for KvmeshRoot {
             }
         };
         if let Some(control_plane) = config.control_plane {
-            log::info!(
-                "kvmesh filter {}: state service for cluster {}",
-                crate::FILTER_VERSION,
-                control_plane.cluster
-            );
-            self.role = Role::Service(Box::new(StateService::new(control_plane)));
+            let Some(cluster) = control_plane.cluster.clone() else {
+                log::error!(
+                    "kvmesh filter: `control_plane.address` is the native module's; the Wasm module \
+                     reaches the control plane through an Envoy cluster (`control_plane.cluster`)"
+                );
+                return false;
+            };
+            log::info!("kvmesh filter {}: state service for cluster {cluster}", crate::FILTER_VERSION);
+            self.role = Role::Service(Box::new(StateService::new(control_plane, cluster)));
             if let Err(status) = hostcalls::set_tick_period(TICK) {
                 log::error!("kvmesh filter: cannot set the state service's timer: {status:?}");
                 return false;

@@ -34,7 +34,7 @@ const ESTIMATED_BYTES_PER_TOKEN: u64 = 4;
 
 /// A served model: its tokenizer and compiled default chat template, loaded once per VM.
 pub(crate) struct Model {
-    tokenizer: Tokenizer,
+    pub(crate) tokenizer: Tokenizer,
     /// Encodes through a per-segment id cache: a repeated system prompt or earlier chat turn costs a
     /// lookup, not a tokenization (ids equal the uncached ones; see kvmesh-core's segment cache tests).
     encoder: Encoder,
@@ -64,7 +64,7 @@ impl Model {
 
     /// The same model for another thread: the loaded tokenizer shared, its own template, encoder
     /// and caches.
-    fn fork(&self, cache: SegmentCacheConfig) -> Model {
+    pub(crate) fn fork(&self, cache: SegmentCacheConfig) -> Model {
         Model {
             tokenizer: self.tokenizer.clone(),
             encoder: self.tokenizer.encoder(cache),

@@ -9,9 +9,11 @@ use std::time::Duration;
 use kvmesh_proto::v1 as pb;
 use prost::Message;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MetricType};
+use proxy_wasm::types::BufferType;
 
 use crate::config::ControlPlaneConfig;
+use crate::http_context::ProxyWasmStats;
+use crate::metrics::StreamMetrics;
 use crate::relay::{Head, Publisher, Received, SharedStore};
 
 /// The gRPC service and its methods.
@@ -47,56 +49,13 @@ impl SharedStore for HostStore {
     }
 }
 
-/// The service's metrics (defined in the service's VM only).
-struct ServiceMetrics {
-    connected: Option<u32>,
-    opens: Option<u32>,
-    updates: Option<u32>,
-    snapshots: Option<u32>,
-    gaps: Option<u32>,
-    errors: Option<u32>,
-    assets_fetched: Option<u32>,
-    assets_failed: Option<u32>,
-}
-
-fn define(kind: MetricType, name: &str) -> Option<u32> {
-    hostcalls::define_metric(kind, name)
-        .map_err(|status| log::warn!("kvmesh filter: cannot define metric {name}: {status:?}"))
-        .ok()
-}
-
-impl ServiceMetrics {
-    fn define() -> ServiceMetrics {
-        ServiceMetrics {
-            connected: define(MetricType::Gauge, "kvmesh_filter_state_stream_connected"),
-            opens: define(MetricType::Counter, "kvmesh_filter_state_stream_opens_total"),
-            updates: define(MetricType::Counter, "kvmesh_filter_state_updates_relayed_total"),
-            snapshots: define(MetricType::Counter, "kvmesh_filter_state_snapshots_relayed_total"),
-            gaps: define(MetricType::Counter, "kvmesh_filter_state_gaps_total"),
-            errors: define(MetricType::Counter, "kvmesh_filter_state_errors_total"),
-            assets_fetched: define(MetricType::Counter, "kvmesh_filter_assets_fetched_total"),
-            assets_failed: define(MetricType::Counter, "kvmesh_filter_assets_failures_total"),
-        }
-    }
-
-    fn add(id: Option<u32>, by: i64) {
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, by);
-        }
-    }
-
-    fn set_connected(&self, connected: bool) {
-        if let Some(id) = self.connected {
-            let _ = hostcalls::record_metric(id, u64::from(connected));
-        }
-    }
-}
-
 /// The stream and fetches of one Envoy.
 pub(crate) struct StateService {
     config: ControlPlaneConfig,
+    /// The control plane's Envoy cluster.
+    cluster: String,
     publisher: Publisher,
-    metrics: ServiceMetrics,
+    metrics: StreamMetrics<ProxyWasmStats>,
     /// The open stream's token.
     stream: Option<u32>,
     /// When the open stream last delivered anything, host ms.
@@ -111,14 +70,15 @@ pub(crate) struct StateService {
 
 impl StateService {
     /// A service that will subscribe on its first tick.
-    pub(crate) fn new(config: ControlPlaneConfig) -> StateService {
+    pub(crate) fn new(config: ControlPlaneConfig, cluster: String) -> StateService {
         // A reloaded VM continues the previous one's assets generation, so readers notice new files.
         let previous = HostStore.get(crate::relay::HEAD_KEY).as_deref().and_then(Head::decode);
         let backoff_ms = config.retry_ms.max(1);
         StateService {
             config,
+            cluster,
             publisher: Publisher::new(previous),
-            metrics: ServiceMetrics::define(),
+            metrics: StreamMetrics::define(ProxyWasmStats),
             stream: None,
             last_message_ms: 0,
             reopen_at_ms: 0,
@@ -146,7 +106,7 @@ impl StateService {
     fn open(&mut self, now_ms: u64) {
         let (epoch, version) = self.publisher.resume_point();
         let request = pb::SubscribeRequest { node: self.config.node.clone(), epoch, version }.encode_to_vec();
-        let opened = hostcalls::open_grpc_stream(&self.config.cluster, SERVICE, SUBSCRIBE, Vec::new())
+        let opened = hostcalls::open_grpc_stream(&self.cluster, SERVICE, SUBSCRIBE, Vec::new())
             // End of the request side with its one message: a server-streaming call's server (tonic)
             // reads the request to its end before it answers.
             .and_then(|token| {
@@ -156,17 +116,14 @@ impl StateService {
             Ok(token) => {
                 log::info!(
                     "kvmesh filter: subscribing to the control plane on cluster {} (epoch {epoch}, version {version})",
-                    self.config.cluster
+                    self.cluster
                 );
-                ServiceMetrics::add(self.metrics.opens, 1);
+                self.metrics.opened();
                 self.stream = Some(token);
                 self.last_message_ms = now_ms;
             }
             Err(status) => {
-                log::warn!(
-                    "kvmesh filter: cannot open the state stream on {}: {status:?}",
-                    self.config.cluster
-                );
+                log::warn!("kvmesh filter: cannot open the state stream on {}: {status:?}", self.cluster);
                 self.closed(now_ms);
             }
         }
@@ -197,14 +154,12 @@ impl StateService {
             Ok(received) => {
                 self.metrics.set_connected(true);
                 self.backoff_ms = self.config.retry_ms.max(1);
+                self.metrics.received(&received);
                 match received {
-                    Received::Snapshot => ServiceMetrics::add(self.metrics.snapshots, 1),
-                    Received::Delta => ServiceMetrics::add(self.metrics.updates, 1),
-                    Received::Heartbeat => {}
+                    Received::Snapshot | Received::Delta | Received::Heartbeat => {}
                     Received::Gap => {
                         // Resubscribing from the last relayed version gets the missing deltas or a
                         // fresh snapshot.
-                        ServiceMetrics::add(self.metrics.gaps, 1);
                         log::warn!("kvmesh filter: state stream skipped a version; resubscribing");
                         let _ = hostcalls::cancel_grpc_stream(token);
                         self.stream = None;
@@ -215,7 +170,7 @@ impl StateService {
                 self.fetch_missing_assets(now_ms);
             }
             Err(err) => {
-                ServiceMetrics::add(self.metrics.errors, 1);
+                self.metrics.error();
                 log::warn!("kvmesh filter: state update not relayed: {err}");
             }
         }
@@ -243,7 +198,7 @@ impl StateService {
             let request = pb::ModelAssetsRequest { model: model.clone() }.encode_to_vec();
             let timeout = Duration::from_millis(self.config.assets_timeout_ms);
             match hostcalls::dispatch_grpc_call(
-                &self.config.cluster,
+                &self.cluster,
                 SERVICE,
                 GET_MODEL_ASSETS,
                 Vec::new(),
@@ -267,7 +222,7 @@ impl StateService {
         let bytes = match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size) {
             Ok(bytes) if status == 0 => bytes.unwrap_or_default(),
             Ok(_) | Err(_) => {
-                ServiceMetrics::add(self.metrics.assets_failed, 1);
+                self.metrics.assets(false);
                 log::warn!(
                     "kvmesh filter: the control plane has no files for {model} (grpc status {status}); \
                      retrying in {ASSETS_RETRY_MS} ms"
@@ -278,11 +233,11 @@ impl StateService {
         };
         match self.publisher.publish_assets(&bytes, &mut HostStore) {
             Ok(model) => {
-                ServiceMetrics::add(self.metrics.assets_fetched, 1);
+                self.metrics.assets(true);
                 log::info!("kvmesh filter: relayed the files of {model} ({} bytes)", bytes.len());
             }
             Err(err) => {
-                ServiceMetrics::add(self.metrics.assets_failed, 1);
+                self.metrics.assets(false);
                 log::warn!("kvmesh filter: files of {model} not relayed: {err}");
                 self.retry_assets_at.insert(model, now_ms + ASSETS_RETRY_MS);
             }

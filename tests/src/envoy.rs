@@ -32,8 +32,9 @@ pub struct EnvoyConfig {
     /// The control plane's admin port: the `workers` cluster is then fed by EDS (xDS over REST,
     /// polled every second) from there, and `upstream_ports` is not used.
     pub workers_from_eds: Option<u16>,
-    /// The filter's request path as a native Envoy dynamic module (this `.so`, `bench/dynmod`) in
-    /// place of the Wasm module: static workers only (the state service is Wasm).
+    /// The filter as a native Envoy dynamic module (this `.so`, `filter-native`) in place of the
+    /// Wasm module; it reaches the control plane itself (`control_plane.address` in its
+    /// configuration), so leave `control_plane_grpc_port` unset with it.
     pub dynamic_module: Option<PathBuf>,
 }
 

@@ -147,15 +147,15 @@ pub fn filter_wasm() -> PathBuf {
     )
 }
 
-/// The filter's request path as an Envoy dynamic module (`bench/dynmod`), as `make test` builds it
-/// (`$KVMESH_DYNMOD`, else the default target dir's debug build).
+/// The filter's request path as an Envoy dynamic module (`filter-native`), as `make test` builds it
+/// (`$KVMESH_FILTER_NATIVE`, else the default target dir's debug build).
 pub fn filter_dynamic_module() -> PathBuf {
     let target = env_path("CARGO_TARGET_DIR").unwrap_or_else(|| cache_dir().join("target"));
     locate(
-        "KVMESH_DYNMOD",
-        "the dynamic module libkvmesh_dynmod.so",
-        &[target.join("debug/libkvmesh_dynmod.so")],
-        "run `cargo build -p kvmesh-dynmod` (`make test` does it first)",
+        "KVMESH_FILTER_NATIVE",
+        "the dynamic module libkvmesh_filter_native.so",
+        &[target.join("debug/libkvmesh_filter_native.so")],
+        "run `cargo build -p kvmesh-filter-native` (`make test` does it first)",
     )
 }
 

@@ -1,22 +1,23 @@
 //! The filter on the control plane's state, as deployed: nats-server, `kvmesh control-plane`, four
-//! `kvmesh sim` workers each with its `kvmesh agent`, and Envoy (two worker threads) with the filter
-//! and its singleton state service. No worker or tokenizer is in the filter's configuration, and no
-//! worker in Envoy's: the fleet, the KV index and the model's files come from the control plane,
-//! and the worker cluster's members from its EDS (xDS over REST).
+//! `kvmesh sim` workers each with its `kvmesh agent`, and Envoy (two worker threads) with the filter,
+//! as the Wasm module with its singleton state service and as the native module (which holds the
+//! stream itself). No worker or tokenizer is in the filter's configuration, and no worker in
+//! Envoy's: the fleet, the KV index and the model's files come from the control plane, and the
+//! worker cluster's members from its EDS (xDS over REST).
 //!
 //! Checks: (d) malformed and oversized bodies get JSON errors; (a) a prefix cached on one worker
 //! (sent to it directly, so only the engine's events can tell) is routed there, and the predicted
 //! overlap equals the engine's `cached_tokens`; (b) a hot prefix under concurrent load spreads
 //! instead of piling onto its worker; (e) a worker that dies stops receiving traffic, with no
-//! request failing meanwhile, and leaves Envoy's cluster; (c) with the control plane stopped Envoy keeps serving, on load alone
-//! once the state is older than its TTL, and says so in its metrics.
+//! request failing meanwhile, and leaves Envoy's cluster; (c) with the control plane stopped Envoy
+//! keeps serving, on load alone once the state is older than its TTL, and says so in its metrics.
 
 use std::time::{Duration, Instant};
 
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
+use kvmesh_tests::filter_dynamic_module;
 use kvmesh_tests::fleet::{
-    Agent, ControlPlane, MODEL, Sim, cached_tokens, chat, metric, post_chat, prometheus, requests_per_worker,
-    system_prompt,
+    Agent, ControlPlane, MODEL, Sim, cached_tokens, chat, post_chat, requests_per_worker, system_prompt,
 };
 use kvmesh_tests::nats::NatsServer;
 use kvmesh_tests::{READY_TIMEOUT, http, wait_until};
@@ -25,11 +26,44 @@ use kvmesh_tests::{READY_TIMEOUT, http, wait_until};
 const STATE_TTL_MS: u64 = 2_000;
 /// The filter's body limit: below Envoy's 1 MiB buffer limit, so the filter answers the 413.
 const MAX_BODY_BYTES: usize = 256 * 1024;
-/// Envoy worker threads: each has its own filter VM following the relayed state.
+/// Envoy worker threads: each follows the relayed state (the Wasm filter with a VM of its own).
 const CONCURRENCY: u32 = 2;
 
+/// Which build of the filter Envoy runs.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Host {
+    /// The proxy-wasm module, with its state service.
+    Wasm,
+    /// The Envoy dynamic module.
+    Native,
+}
+
 #[test]
-fn filter_routes_on_control_plane_state_and_survives_its_loss() {
+fn wasm_filter_routes_on_control_plane_state_and_survives_its_loss() {
+    routes_on_control_plane_state_and_survives_its_loss(Host::Wasm);
+}
+
+#[test]
+fn native_filter_routes_on_control_plane_state_and_survives_its_loss() {
+    routes_on_control_plane_state_and_survives_its_loss(Host::Native);
+}
+
+/// The filter's metrics from the admin's `/stats` (`wasmcustom.<name>` or
+/// `dynamicmodulescustom.<name>`), by name.
+fn filter_stats(envoy: &Envoy) -> String {
+    http::get(envoy.admin_port(), "/stats?filter=kvmesh_filter").expect("GET /stats").message.body_text()
+}
+
+/// A counter or gauge in [`filter_stats`] (`None` when absent).
+fn metric(stats: &str, name: &str) -> Option<u64> {
+    stats
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .find(|(n, _)| n.rsplit_once('.').map_or(*n, |(_, n)| n) == name)
+        .and_then(|(_, v)| v.trim().parse().ok())
+}
+
+fn routes_on_control_plane_state_and_survives_its_loss(host: Host) {
     let nats = NatsServer::start();
     let namespace = "filtercp";
     let mut sims: Vec<Sim> = (0..4).map(|i| Sim::start(i, 512)).collect();
@@ -45,19 +79,31 @@ fn filter_routes_on_control_plane_state_and_survives_its_loss() {
     // No static members: the cluster learns the workers from the control plane's EDS.
     let mut config = EnvoyConfig::new(Vec::new());
     config.workers_from_eds = Some(cp.admin_port);
+    let connection = match host {
+        // The Wasm filter's VMs follow the state service, which streams through an Envoy cluster.
+        Host::Wasm => {
+            config.control_plane_grpc_port = Some(cp.grpc_port);
+            String::new()
+        }
+        Host::Native => {
+            config.dynamic_module = Some(filter_dynamic_module());
+            format!(r#","control_plane":{{"address":"http://127.0.0.1:{}"}}"#, cp.grpc_port)
+        }
+    };
     config.plugin_config = format!(
-        r#"{{"state":{{"ttl_ms":{STATE_TTL_MS}}},"max_body_bytes":{MAX_BODY_BYTES},"accuracy_sample_every":1}}"#
+        r#"{{"state":{{"ttl_ms":{STATE_TTL_MS}}},"max_body_bytes":{MAX_BODY_BYTES},"accuracy_sample_every":1{connection}}}"#
     );
     config.override_host_header = "x-gateway-destination-endpoint".to_string();
-    config.control_plane_grpc_port = Some(cp.grpc_port);
     config.concurrency = CONCURRENCY;
     let envoy = Envoy::start(config);
     let log = || envoy.process.log_text();
-    // Every worker VM loads the model's tokenizer from the relayed files.
-    wait_until("every worker VM loaded the model", READY_TIMEOUT, || {
-        metric(&prometheus(&envoy), "kvmesh_filter_model_loads_total").unwrap_or(0) >= u64::from(CONCURRENCY)
+    // Every Wasm VM loads the model's tokenizer from the relayed files; the native module loads it
+    // once for the process.
+    let loads = if host == Host::Wasm { u64::from(CONCURRENCY) } else { 1 };
+    wait_until("the model's tokenizer loaded from the relayed files", READY_TIMEOUT, || {
+        metric(&filter_stats(&envoy), "kvmesh_filter_model_loads_total").unwrap_or(0) >= loads
     });
-    let stats = prometheus(&envoy);
+    let stats = filter_stats(&envoy);
     assert_eq!(metric(&stats, "kvmesh_filter_state_stream_connected"), Some(1), "{stats}");
     assert!(metric(&stats, "kvmesh_filter_assets_fetched_total") >= Some(1), "{stats}");
 
@@ -97,7 +143,7 @@ fn filter_routes_on_control_plane_state_and_survives_its_loss() {
     let to_sim2 =
         after.get(&sims[2].port).copied().unwrap_or(0) - before.get(&sims[2].port).copied().unwrap_or(0);
     assert_eq!(to_sim2, 3, "all three went to sim-2 where the prefix is cached: {before:?} -> {after:?}");
-    let stats = prometheus(&envoy);
+    let stats = filter_stats(&envoy);
     let exact = metric(&stats, "kvmesh_filter_accuracy_exact_total").unwrap_or(0);
     let over = metric(&stats, "kvmesh_filter_accuracy_over_total").unwrap_or(0);
     let under = metric(&stats, "kvmesh_filter_accuracy_under_total").unwrap_or(0);
@@ -165,7 +211,7 @@ fn filter_routes_on_control_plane_state_and_survives_its_loss() {
         let resp = post_chat(envoy.port(), &chat(&system, &format!("Question {i}"), 4));
         assert_eq!(resp.status, 200, "with the control plane gone: {}", resp.message.body_text());
     }
-    let stats = prometheus(&envoy);
+    let stats = filter_stats(&envoy);
     assert!(metric(&stats, "kvmesh_filter_stale_state_routes_total") >= Some(6), "{stats}");
     assert_eq!(metric(&stats, "kvmesh_filter_state_stream_connected"), Some(0), "{stats}");
 

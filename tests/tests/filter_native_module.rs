@@ -1,4 +1,4 @@
-//! The filter's request path built as a native Envoy dynamic module (`bench/dynmod`, the
+//! The filter's request path built as a native Envoy dynamic module (`filter-native`, the
 //! benchmark's `native-kv-aware` target) routes in real Envoy as the Wasm filter does: 4 simulated
 //! vLLM workers, the same plugin configuration, the same override_host cluster, the same request
 //! path (`kvmesh_filter::flow`) and metrics. This keeps the benchmark's native figures honest: they

@@ -33,7 +33,7 @@ struct Args {
     workload: Vec<String>,
     /// Envoys under load, comma-separated: plain, filter, filter-no-segment-cache,
     /// filter-passthrough, filter-kv-aware, native-kv-aware (the dynamic module of
-    /// `cargo build --release -p kvmesh-dynmod`, or KVMESH_DYNMOD) [default: all].
+    /// `cargo build --release -p kvmesh-filter-native`, or KVMESH_FILTER_NATIVE) [default: all].
     #[arg(long, value_delimiter = ',')]
     target: Vec<String>,
     /// Fresh starts per configuration for start-up times and first-sight decision times; 0 skips

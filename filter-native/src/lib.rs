@@ -1,57 +1,69 @@
-//! A benchmark target, not a delivery form: the kvmesh filter's request path built as an Envoy
-//! *dynamic module* (a native shared library Envoy 1.40 loads through
-//! `envoy.filters.http.dynamic_modules`) instead of a proxy-wasm module, to measure what the Wasm
-//! machinery itself costs per request (bench/README.md, proposal 7).
-//!
-//! It runs the Wasm filter's own request path (`kvmesh_filter::flow`: headers held, body buffered,
+//! The kvmesh filter as an Envoy *dynamic module*: a native shared library Envoy (1.40; the PyPI
+//! build too) loads through `envoy.filters.http.dynamic_modules`, beside the proxy-wasm module. It
+//! runs the Wasm filter's own request path (`kvmesh_filter::flow`: headers held, body buffered,
 //! routed, `x-gateway-destination-endpoint` set and a client's own dropped, JSON errors, the failure
 //! mode, in-flight and prefill accounting, `usage` sampling, every request metric) on the same
-//! plugin JSON, with Envoy's dynamic-module callbacks as its host. What it leaves out: the control
-//! plane's state (static workers and models only).
+//! plugin JSON, with Envoy's dynamic-module callbacks as its host, and without the Wasm machinery:
+//! about half the Wasm filter's added latency (bench/README.md).
 //!
-//! The tokenizers load once, when Envoy loads the configuration (a bad one is refused there); each
-//! Envoy worker thread forks its own router from that one on its first request (its own caches
-//! and fleet view, as one Wasm VM per thread has); metrics are the configuration's, shared by
-//! every thread (Envoy's stats are thread-safe). Nothing here may panic across the C boundary:
-//! every hook catches unwinding.
+//! Tokenizers load once per process: the static ones when Envoy loads the configuration (a bad one
+//! is refused there), the control plane's on the module's connection thread ([`state`]). Each Envoy
+//! worker thread forks its own router on its first request (its own caches, fleet view and recent
+//! decisions, as one Wasm VM per thread has) and follows the relayed state. Metrics are the
+//! configuration's, shared by every thread (Envoy's stats are thread-safe). Nothing here may panic
+//! across the C boundary: every hook catches unwinding.
+//!
+//! The module is tied to Envoy's dynamic-module ABI (`abi.rs`, v0.2.0 of Envoy 1.40): build it for
+//! the Envoy release it runs in.
 
 mod abi;
+mod state;
 
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Instant, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use kvmesh_filter::accuracy::AccuracyMetrics;
 use kvmesh_filter::flow::{self, Request, Settings, Stream, Worker};
-use kvmesh_filter::metrics::Metrics;
+use kvmesh_filter::metrics::{Metrics, StreamMetrics};
 use kvmesh_filter::router::Router;
 use kvmesh_filter::stats::{MetricKind, StatsSink};
 use kvmesh_filter::{FILTER_VERSION, FilterConfig};
 
 use abi::*;
+use state::{Connection, Link, ProcessStore, Shared, ThreadFollower};
 
 /// Worker threads with a router of their own; a request on a thread past this passes unrouted.
 const MAX_WORKERS: usize = 256;
 
 /// One filter configuration (`filter_config` of the Envoy filter).
 struct Config {
+    /// The control plane's stream (with `control_plane.address`); first to go on destroy, since
+    /// its thread updates this configuration's metrics.
+    _connection: Option<Connection>,
     filter: FilterConfig,
-    /// Built when Envoy loads the configuration (the tokenizers loaded once per process); each
-    /// worker thread forks its own from it.
-    loaded: Mutex<Router>,
+    /// The process's router (built when Envoy loads the configuration: the tokenizers loaded once
+    /// per process) and the relayed state.
+    shared: Arc<Shared>,
     /// One per Envoy worker thread, by `get_worker_index`, made on first use.
     workers: Box<[OnceLock<WorkerState>]>,
-    metrics: Metrics<EnvoyStats>,
+    metrics: Arc<Metrics<EnvoyStats>>,
     accuracy: AccuracyMetrics<EnvoyStats>,
 }
 
 /// What one Envoy worker thread routes with.
 struct WorkerState {
     /// `None` when it failed to build (logged): that thread's requests then pass unrouted.
-    router: Option<Mutex<Router>>,
+    router: Option<Mutex<Routing>>,
     settings: Settings,
+}
+
+/// A worker thread's router and its reader of the relayed state (with `state`).
+struct Routing {
+    router: Router,
+    follower: Option<ThreadFollower>,
 }
 
 impl Config {
@@ -62,12 +74,14 @@ impl Config {
         let index = unsafe { envoy_dynamic_module_callback_http_filter_get_worker_index(filter) } as usize;
         let state = self.workers.get(index)?.get_or_init(|| {
             let forked = self
+                .shared
                 .loaded
                 .lock()
                 .map_err(|_| "poisoned".to_owned())
                 .and_then(|loaded| loaded.fork(&self.filter).map_err(|e| e.to_string()));
+            let follower = self.filter.state.map(|s| ThreadFollower::new(Duration::from_millis(s.poll_ms)));
             let router = match forked {
-                Ok(router) => Some(Mutex::new(router)),
+                Ok(router) => Some(Mutex::new(Routing { router, follower })),
                 Err(e) => {
                     log::error!("kvmesh dynamic module: worker {index} has no router: {e}");
                     None
@@ -85,12 +99,26 @@ struct Thread<'a> {
     state: &'a WorkerState,
 }
 
+impl Thread<'_> {
+    /// Brings this thread's router up to the relayed state when a poll is due.
+    fn follow(&self) {
+        let Some(Ok(mut routing)) = self.state.router.as_ref().map(Mutex::lock) else { return };
+        let Routing { router, follower: Some(follower) } = &mut *routing else { return };
+        if let Some((polled, took)) = follower.follow(&self.config.shared, router) {
+            self.config.metrics.state_polled(&polled, took.as_micros() as u64);
+            if polled.snapshot {
+                self.config.metrics.state_hash_version(router.foreign_hash_version());
+            }
+        }
+    }
+}
+
 impl Worker for Thread<'_> {
     type Stats = EnvoyStats;
 
     fn with_router<T>(&self, f: impl FnOnce(&mut Router) -> T) -> Option<T> {
         // Only this thread takes it; poisoned only if a hook panicked while routing.
-        self.state.router.as_ref()?.lock().ok().map(|mut router| f(&mut router))
+        self.state.router.as_ref()?.lock().ok().map(|mut routing| f(&mut routing.router))
     }
 
     fn metrics(&self) -> &Metrics<EnvoyStats> {
@@ -449,6 +477,13 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 return std::ptr::null();
             }
         };
+        if filter.is_state_service() {
+            log::error!(
+                "kvmesh dynamic module: `control_plane.cluster` is the Wasm state service's; the native \
+                 module connects to the control plane itself (`control_plane.address`)"
+            );
+            return std::ptr::null();
+        }
         let started = Instant::now();
         let loaded = match Router::new(&filter) {
             Ok(router) => router,
@@ -464,11 +499,35 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             loaded.worker_count(),
             started.elapsed().as_millis()
         );
+        let shared = Arc::new(Shared { store: ProcessStore::default(), loaded: Mutex::new(loaded) });
+        let metrics = Arc::new(Metrics::define(EnvoyStats(config_envoy)));
+        metrics.model_loaded_n(shared.loaded.lock().map_or(0, |r| r.model_count()));
+        let connection = match filter.control_plane.as_ref().and_then(|cp| Some((cp, cp.address.clone()?))) {
+            None => None,
+            Some((cp, address)) => {
+                let link = Link {
+                    address,
+                    node: cp.node.clone(),
+                    retry: Duration::from_millis(cp.retry_ms),
+                    assets_timeout: Duration::from_millis(cp.assets_timeout_ms),
+                    metrics: StreamMetrics::define(EnvoyStats(config_envoy)),
+                    filter_metrics: Arc::clone(&metrics),
+                };
+                match state::connect(link, Arc::clone(&shared)) {
+                    Ok(connection) => Some(connection),
+                    Err(e) => {
+                        log::error!("kvmesh dynamic module: cannot start the control plane's thread: {e}");
+                        return std::ptr::null();
+                    }
+                }
+            }
+        };
         let config = Config {
+            _connection: connection,
             filter,
-            loaded: Mutex::new(loaded),
+            shared,
             workers: (0..MAX_WORKERS).map(|_| OnceLock::new()).collect(),
-            metrics: Metrics::define(EnvoyStats(config_envoy)),
+            metrics,
             accuracy: AccuracyMetrics::define(EnvoyStats(config_envoy)),
         };
         Box::into_raw(Box::new(config)) as ConfigModulePtr
@@ -523,6 +582,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     // SAFETY: per the hook's contract.
     unsafe {
         with_request(envoy, module, HEADERS_CONTINUE, |request, thread, stream| {
+            thread.follow();
             status(request.on_request_headers(thread, stream, end_of_stream), HEADERS_STOP_ITERATION)
         })
     }
