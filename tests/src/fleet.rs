@@ -225,6 +225,21 @@ pub fn prometheus(envoy: &Envoy) -> String {
     http::get(envoy.admin_port(), "/stats/prometheus").expect("GET /stats/prometheus").message.body_text()
 }
 
+/// The filter's counters and gauges from Envoy's admin `/stats`, whichever build runs: the Wasm
+/// filter's are `wasmcustom.<name>`, the native module's `dynamicmodulescustom.<name>`.
+pub fn filter_stats(admin_port: u16) -> String {
+    http::get(admin_port, "/stats?filter=kvmesh_filter").expect("GET /stats").message.body_text()
+}
+
+/// A counter or gauge in [`filter_stats`] by its name (`None` when absent).
+pub fn filter_metric(stats: &str, name: &str) -> Option<u64> {
+    stats
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .find(|(n, _)| n.rsplit_once('.').map_or(*n, |(_, n)| n) == name)
+        .and_then(|(_, v)| v.trim().parse().ok())
+}
+
 /// A counter or gauge's value in Prometheus text (`None` when absent).
 pub fn metric(stats: &str, name: &str) -> Option<u64> {
     stats

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
-use kvmesh_tests::fleet::{Agent, ControlPlane, Sim, chat, metric, post_chat, requests_per_worker_at};
+use kvmesh_tests::fleet::{
+    Agent, ControlPlane, Sim, chat, filter_metric, filter_stats, metric, post_chat, requests_per_worker_at,
+};
 use kvmesh_tests::http::{self, EchoUpstream};
 use kvmesh_tests::nats::NatsServer;
 
@@ -58,7 +60,7 @@ fn malformed_plugin_config_fails_envoy_start() {
     assert!(log.contains("invalid kvmesh filter configuration"), "the filter logs why; log:\n{log}");
 }
 
-/// Ports `envoy/kvmesh.yaml` needs filled in.
+/// Ports a bootstrap template needs filled in.
 struct TemplatePorts {
     listen: u16,
     admin: u16,
@@ -66,63 +68,107 @@ struct TemplatePorts {
     control_plane_admin: u16,
 }
 
-/// `envoy/kvmesh.yaml` filled in as `envsubst` would; written to `dir`.
-fn filled_template(dir: &kvmesh_tests::TempDir, ports: &TemplatePorts) -> std::path::PathBuf {
-    let template_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/kvmesh.yaml");
-    let template = std::fs::read_to_string(&template_path).expect("read envoy/kvmesh.yaml");
-    let wasm = kvmesh_tests::filter_wasm();
+/// The two standalone bootstrap templates: the filter as a Wasm module, or as a native module.
+#[derive(Clone, Copy, Debug)]
+enum Template {
+    /// `envoy/kvmesh.yaml`.
+    Wasm,
+    /// `envoy/kvmesh-native.yaml`.
+    Native,
+}
+
+impl Template {
+    fn file(self) -> &'static str {
+        match self {
+            Template::Wasm => "kvmesh.yaml",
+            Template::Native => "kvmesh-native.yaml",
+        }
+    }
+
+    /// The placeholder naming the module, and the module.
+    fn module(self) -> (&'static str, std::path::PathBuf) {
+        match self {
+            Template::Wasm => ("KVMESH_FILTER_WASM", kvmesh_tests::filter_wasm()),
+            Template::Native => ("KVMESH_FILTER_NATIVE", kvmesh_tests::filter_dynamic_module()),
+        }
+    }
+}
+
+/// `template` filled in as `envsubst` would; written to `dir`.
+fn filled_template(
+    dir: &kvmesh_tests::TempDir,
+    ports: &TemplatePorts,
+    template: Template,
+) -> std::path::PathBuf {
+    let template_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy").join(template.file());
+    let text = std::fs::read_to_string(&template_path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", template_path.display()));
+    let (module_name, module) = template.module();
     let values = [
         ("KVMESH_LISTEN_PORT", ports.listen.to_string()),
         ("KVMESH_ADMIN_PORT", ports.admin.to_string()),
-        ("KVMESH_FILTER_WASM", wasm.display().to_string()),
+        (module_name, module.display().to_string()),
         ("KVMESH_CONTROL_PLANE_IP", "127.0.0.1".to_string()),
         ("KVMESH_CONTROL_PLANE_GRPC_PORT", ports.control_plane_grpc.to_string()),
         ("KVMESH_CONTROL_PLANE_ADMIN_PORT", ports.control_plane_admin.to_string()),
     ];
-    let mut filled = template;
+    let mut filled = text;
     for (name, value) in &values {
         filled = filled.replace(&format!("${{{name}}}"), value);
     }
     // Only the header comment may still mention a placeholder.
     let body: String =
         filled.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
-    assert!(!body.contains("${"), "a placeholder is left unfilled:\n{body}");
-    let path = dir.path().join("kvmesh.yaml");
+    assert!(!body.contains("${"), "a placeholder is left unfilled in {}:\n{body}", template.file());
+    let path = dir.path().join(template.file());
     std::fs::write(&path, &filled).expect("write the filled-in template");
     path
 }
 
-/// `envoy/kvmesh.yaml`, filled in, is a configuration Envoy accepts.
+/// `envoy/kvmesh.yaml` and `envoy/kvmesh-native.yaml`, filled in, are configurations Envoy accepts.
 #[test]
-fn standalone_bootstrap_template_is_valid() {
-    let dir = kvmesh_tests::TempDir::new("envoy-validate");
-    let free = kvmesh_tests::free_port;
-    let ports = TemplatePorts {
-        listen: free(),
-        admin: free(),
-        control_plane_grpc: free(),
-        control_plane_admin: free(),
-    };
-    let path = filled_template(&dir, &ports);
-    let out = std::process::Command::new(kvmesh_tests::envoy_binary())
-        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
-        .arg(&path)
-        .output()
-        .expect("run envoy --mode validate");
-    assert!(
-        out.status.success(),
-        "envoy rejects envoy/kvmesh.yaml:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn standalone_bootstrap_templates_are_valid() {
+    for template in [Template::Wasm, Template::Native] {
+        let dir = kvmesh_tests::TempDir::new("envoy-validate");
+        let free = kvmesh_tests::free_port;
+        let ports = TemplatePorts {
+            listen: free(),
+            admin: free(),
+            control_plane_grpc: free(),
+            control_plane_admin: free(),
+        };
+        let path = filled_template(&dir, &ports, template);
+        let out = std::process::Command::new(kvmesh_tests::envoy_binary())
+            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+            .arg(&path)
+            .output()
+            .expect("run envoy --mode validate");
+        assert!(
+            out.status.success(),
+            "envoy rejects envoy/{}:\n{}{}",
+            template.file(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn wasm_bootstrap_finds_its_workers_and_skips_the_filter_off_inference_paths() {
+    standalone_bootstrap_finds_its_workers_and_skips_the_filter_off_inference_paths(Template::Wasm);
+}
+
+#[test]
+fn native_bootstrap_finds_its_workers_and_skips_the_filter_off_inference_paths() {
+    standalone_bootstrap_finds_its_workers_and_skips_the_filter_off_inference_paths(Template::Native);
 }
 
 /// The template as deployed, with the control plane and two workers with their agents: the worker
 /// cluster learns its members from the control plane (EDS); the filter runs on the two inference
 /// paths only, and every other path goes round robin without it, a client's own destination
 /// header dropped there.
-#[test]
-fn standalone_bootstrap_finds_its_workers_and_skips_the_filter_off_inference_paths() {
+fn standalone_bootstrap_finds_its_workers_and_skips_the_filter_off_inference_paths(template: Template) {
     let nats = NatsServer::start();
     let namespace = "template";
     let mut sims: Vec<Sim> = (0..2).map(|i| Sim::start(i, 512)).collect();
@@ -143,7 +189,7 @@ fn standalone_bootstrap_finds_its_workers_and_skips_the_filter_off_inference_pat
         control_plane_admin: cp.admin_port,
     };
     let dir = kvmesh_tests::TempDir::new("envoy-template");
-    let path = filled_template(&dir, &ports);
+    let path = filled_template(&dir, &ports, template);
     let (listen, admin) = (ports.listen, ports.admin);
     let mut cmd = std::process::Command::new(kvmesh_tests::envoy_binary());
     cmd.arg("-c").arg(&path).args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "info"]);
@@ -167,18 +213,16 @@ fn standalone_bootstrap_finds_its_workers_and_skips_the_filter_off_inference_pat
     let after = requests_per_worker_at(admin);
     let seen: Vec<u64> = sims.iter().map(|s| after.get(&s.port).copied().unwrap_or(0)).collect();
     assert_eq!(seen, [2, 2], "round robin over both workers, not the client's pick");
-    let stats = http::get(admin, "/stats/prometheus").expect("admin stats").message.body_text();
-    let passed = metric(&stats, "kvmesh_filter_passthrough_total").unwrap_or(0);
+    let passed = filter_metric(&filter_stats(admin), "kvmesh_filter_passthrough_total").unwrap_or(0);
     assert_eq!(passed, 0, "the filter ran on GET /v1/models");
 
-    // An inference request is routed by the filter once its VM has the model from the control plane.
-    kvmesh_tests::wait_until("the filter VM loaded the model", Duration::from_secs(60), || {
-        let stats = http::get(admin, "/stats/prometheus").map(|r| r.message.body_text()).unwrap_or_default();
-        metric(&stats, "kvmesh_filter_model_loads_total").unwrap_or(0) >= 1
+    // An inference request is routed by the filter once it has the model from the control plane.
+    kvmesh_tests::wait_until("the filter loaded the model", Duration::from_secs(60), || {
+        filter_metric(&filter_stats(admin), "kvmesh_filter_model_loads_total").unwrap_or(0) >= 1
     });
     let resp = post_chat(listen, &chat("You are terse.", "Say hi.", 4));
     assert_eq!(resp.status, 200, "{}\n{}", resp.message.body_text(), envoy.log_text());
-    let stats = http::get(admin, "/stats/prometheus").expect("admin stats").message.body_text();
-    assert_eq!(metric(&stats, "kvmesh_filter_decisions_routed_total"), Some(1), "{stats}");
+    let stats = filter_stats(admin);
+    assert_eq!(filter_metric(&stats, "kvmesh_filter_decisions_routed_total"), Some(1), "{stats}");
     envoy.kill();
 }

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
 use kvmesh_tests::filter_dynamic_module;
 use kvmesh_tests::fleet::{
-    Agent, ControlPlane, MODEL, Sim, cached_tokens, chat, post_chat, requests_per_worker, system_prompt,
+    Agent, ControlPlane, MODEL, Sim, cached_tokens, chat, filter_metric as metric, filter_stats, post_chat,
+    requests_per_worker, system_prompt,
 };
 use kvmesh_tests::nats::NatsServer;
 use kvmesh_tests::{READY_TIMEOUT, http, wait_until};
@@ -46,21 +47,6 @@ fn wasm_filter_routes_on_control_plane_state_and_survives_its_loss() {
 #[test]
 fn native_filter_routes_on_control_plane_state_and_survives_its_loss() {
     routes_on_control_plane_state_and_survives_its_loss(Host::Native);
-}
-
-/// The filter's metrics from the admin's `/stats` (`wasmcustom.<name>` or
-/// `dynamicmodulescustom.<name>`), by name.
-fn filter_stats(envoy: &Envoy) -> String {
-    http::get(envoy.admin_port(), "/stats?filter=kvmesh_filter").expect("GET /stats").message.body_text()
-}
-
-/// A counter or gauge in [`filter_stats`] (`None` when absent).
-fn metric(stats: &str, name: &str) -> Option<u64> {
-    stats
-        .lines()
-        .filter_map(|l| l.split_once(": "))
-        .find(|(n, _)| n.rsplit_once('.').map_or(*n, |(_, n)| n) == name)
-        .and_then(|(_, v)| v.trim().parse().ok())
 }
 
 fn routes_on_control_plane_state_and_survives_its_loss(host: Host) {
@@ -101,9 +87,9 @@ fn routes_on_control_plane_state_and_survives_its_loss(host: Host) {
     // once for the process.
     let loads = if host == Host::Wasm { u64::from(CONCURRENCY) } else { 1 };
     wait_until("the model's tokenizer loaded from the relayed files", READY_TIMEOUT, || {
-        metric(&filter_stats(&envoy), "kvmesh_filter_model_loads_total").unwrap_or(0) >= loads
+        metric(&filter_stats(envoy.admin_port()), "kvmesh_filter_model_loads_total").unwrap_or(0) >= loads
     });
-    let stats = filter_stats(&envoy);
+    let stats = filter_stats(envoy.admin_port());
     assert_eq!(metric(&stats, "kvmesh_filter_state_stream_connected"), Some(1), "{stats}");
     assert!(metric(&stats, "kvmesh_filter_assets_fetched_total") >= Some(1), "{stats}");
 
@@ -143,7 +129,7 @@ fn routes_on_control_plane_state_and_survives_its_loss(host: Host) {
     let to_sim2 =
         after.get(&sims[2].port).copied().unwrap_or(0) - before.get(&sims[2].port).copied().unwrap_or(0);
     assert_eq!(to_sim2, 3, "all three went to sim-2 where the prefix is cached: {before:?} -> {after:?}");
-    let stats = filter_stats(&envoy);
+    let stats = filter_stats(envoy.admin_port());
     let exact = metric(&stats, "kvmesh_filter_accuracy_exact_total").unwrap_or(0);
     let over = metric(&stats, "kvmesh_filter_accuracy_over_total").unwrap_or(0);
     let under = metric(&stats, "kvmesh_filter_accuracy_under_total").unwrap_or(0);
@@ -211,7 +197,7 @@ fn routes_on_control_plane_state_and_survives_its_loss(host: Host) {
         let resp = post_chat(envoy.port(), &chat(&system, &format!("Question {i}"), 4));
         assert_eq!(resp.status, 200, "with the control plane gone: {}", resp.message.body_text());
     }
-    let stats = filter_stats(&envoy);
+    let stats = filter_stats(envoy.admin_port());
     assert!(metric(&stats, "kvmesh_filter_stale_state_routes_total") >= Some(6), "{stats}");
     assert_eq!(metric(&stats, "kvmesh_filter_state_stream_connected"), Some(0), "{stats}");
 

@@ -6,7 +6,9 @@
 
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
 use kvmesh_tests::filter_dynamic_module;
-use kvmesh_tests::fleet::{MODEL, Sim, cached_tokens, post_chat, static_plugin_config, system_prompt};
+use kvmesh_tests::fleet::{
+    MODEL, Sim, cached_tokens, filter_metric, filter_stats, post_chat, static_plugin_config, system_prompt,
+};
 use kvmesh_tests::http::{self, EchoUpstream};
 
 /// The module's body limit here (below Envoy's 1 MiB buffer limit, so the module answers the 413).
@@ -20,16 +22,10 @@ fn chat(system: &str, user: &str) -> String {
     kvmesh_tests::fleet::chat(system, user, 16)
 }
 
-/// A counter of the module's from the admin's `/stats` (`dynamicmodulescustom.<name>: <value>`).
+/// A counter of the module's (`dynamicmodulescustom.<name>` in `/stats`).
 fn counter(envoy: &Envoy, name: &str) -> u64 {
-    let stats =
-        http::get(envoy.admin_port(), "/stats?filter=kvmesh_filter").expect("GET /stats").message.body_text();
-    stats
-        .lines()
-        .filter_map(|l| l.split_once(": "))
-        .find(|(n, _)| n.rsplit_once('.').map_or(*n, |(_, n)| n) == name)
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /stats:\n{stats}"))
+    let stats = filter_stats(envoy.admin_port());
+    filter_metric(&stats, name).unwrap_or_else(|| panic!("no {name} in /stats:\n{stats}"))
 }
 
 /// 4 sims, and Envoy with `concurrency` worker threads running the native module over them.
