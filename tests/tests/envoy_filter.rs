@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
 use kvmesh_tests::fleet::{
-    Agent, ControlPlane, Sim, chat, filter_metric, filter_stats, metric, post_chat, requests_per_worker_at,
+    Agent, ControlPlane, Sim, chat, filter_metric, filter_stats, post_chat, requests_per_worker_at,
 };
 use kvmesh_tests::http::{self, EchoUpstream};
 use kvmesh_tests::nats::NatsServer;
