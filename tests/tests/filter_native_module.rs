@@ -1,8 +1,8 @@
-//! The filter's request path built as a native Envoy dynamic module (`filter-native`, the
-//! benchmark's `native-kv-aware` target) routes in real Envoy as the Wasm filter does: 4 simulated
-//! vLLM workers, the same plugin configuration, the same override_host cluster, the same request
-//! path (`kvmesh_filter::flow`) and metrics. This keeps the benchmark's native figures honest: they
-//! are for a module that routes, answers errors and passes other paths.
+//! The native filter (`filter-native`, an Envoy dynamic module; also the benchmark's
+//! `native-kv-aware` target) routes in real Envoy as the Wasm filter does: 4 simulated vLLM
+//! workers, the same plugin configuration (a static fleet here; `filter_control_plane.rs` runs it
+//! on the control plane's state), the same override_host cluster, the same request path
+//! (`kvmesh_filter::flow`) and metrics.
 
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
 use kvmesh_tests::filter_dynamic_module;
