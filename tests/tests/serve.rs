@@ -28,6 +28,11 @@ struct Serve {
 
 impl Serve {
     fn start(run_dir: &TempDir) -> Serve {
+        Serve::start_with(run_dir, &[])
+    }
+
+    /// Serve with `extra` flags.
+    fn start_with(run_dir: &TempDir, extra: &[&std::ffi::OsStr]) -> Serve {
         let (port, admin_port) = (free_port(), free_port());
         let mut cmd = Command::new(kvmesh_binary());
         cmd.args(["serve", "--backend", "sim", "--workers", "2", "--model", MODEL])
@@ -37,7 +42,8 @@ impl Serve {
             .args(["--envoy-concurrency", "1", "--filter-load-timeout", "20", "--sim-speedup", "20"])
             .args(["--sim-kv-blocks", "512", "--verbose"])
             .arg("--run-dir")
-            .arg(run_dir.path());
+            .arg(run_dir.path())
+            .args(extra);
         let mut process = Process::spawn("serve", cmd);
         let log_path = process.dir().join("serve.log");
         process.wait_ready("the `ready` line", SERVE_READY, || {
@@ -267,6 +273,62 @@ fn serve_routes_through_envoy_and_stops_cleanly_on_sigint() {
     }
     let left = members_of(&children);
     assert!(left.is_empty(), "processes left in serve's children's groups: {left:?}");
+}
+
+/// `--filter native`: Envoy runs the native module, which follows the control plane itself (no
+/// state service): it loads the model once, and a prefix the engine's events placed is routed back
+/// to its worker and served from its cache.
+#[test]
+fn serve_with_the_native_filter_routes_on_the_control_plane() {
+    let run_dir = TempDir::new("serve-native");
+    let module = kvmesh_tests::filter_dynamic_module();
+    let mut serve = Serve::start_with(
+        &run_dir,
+        &["--filter".as_ref(), "native".as_ref(), "--filter-native".as_ref(), module.as_os_str()],
+    );
+    let log = serve.process.log_text();
+    assert!(log.contains("loaded (native module, once per Envoy)"), "{log}");
+    let envoy_yaml = std::fs::read_to_string(run_dir.path().join("envoy.yaml")).expect("read envoy.yaml");
+    assert!(envoy_yaml.contains("envoy.filters.http.dynamic_modules"), "{envoy_yaml}");
+    assert!(!envoy_yaml.contains("envoy.bootstrap.wasm"), "no state service with the native filter");
+
+    let post = |body: &str| {
+        http::post(
+            serve.port,
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+        )
+        .expect("POST through Envoy")
+    };
+    let first = post(&chat(&system_prompt("geology"), "What is basalt?"));
+    assert_eq!(first.status, 200, "{}", first.message.body_text());
+    // Once the engine's KV events reached the control plane and its stream the module, the same
+    // prefix goes back to that worker and hits its cache.
+    let mut text = String::new();
+    wait_until("a request with the prefix served from cache", Duration::from_secs(20), || {
+        let again = post(&chat(&system_prompt("geology"), "And granite?"));
+        text = again.message.body_text();
+        again.status == 200 && number_after(&text, "cached_tokens").is_some_and(|n| n >= 512)
+    });
+    let stats = kvmesh_tests::fleet::filter_stats(serve.envoy_admin_port);
+    let routed = kvmesh_tests::fleet::filter_metric(&stats, "kvmesh_filter_routed_by_kv_aware_total");
+    assert!(routed >= Some(2), "{stats}");
+    let fallbacks = kvmesh_tests::fleet::filter_metric(&stats, "kvmesh_filter_fallbacks_total");
+    assert_eq!(fallbacks.unwrap_or(0), 0, "every request routed on the control plane's state: {stats}");
+    assert_eq!(
+        kvmesh_tests::fleet::filter_metric(&stats, "kvmesh_filter_state_stream_connected"),
+        Some(1),
+        "{stats}"
+    );
+
+    let pid = libc::pid_t::try_from(serve.process.pid()).expect("pid fits");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
+    let status = serve.process.wait_exit(Duration::from_secs(20)).expect("serve exits after SIGINT");
+    assert!(status.success(), "serve exited with {status}:\n{}", serve.process.log_text());
 }
 
 #[test]

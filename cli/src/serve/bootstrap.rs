@@ -1,8 +1,10 @@
-//! The Envoy bootstrap serve generates: the listener with the kvmesh Wasm filter before the router,
-//! the `workers` cluster whose override_host policy follows the filter's choice, and (state mode)
-//! the singleton state service with the same `vm_id`, holding the one gRPC stream to the control
-//! plane over the HTTP/2 `kvmesh_control_plane` cluster. Shapes as in `envoy/kvmesh.yaml` and the
-//! measured Envoy/proxy-wasm facts (singleton WasmService + shared data).
+//! The Envoy bootstrap serve generates: the listener with the kvmesh filter before the router (the
+//! Wasm module, or the native dynamic module), the `workers` cluster whose override_host policy
+//! follows the filter's choice, and (state mode, Wasm) the singleton state service with the same
+//! `vm_id`, holding the one gRPC stream to the control plane over the HTTP/2 `kvmesh_control_plane`
+//! cluster; the native module holds that stream itself. Shapes as in `envoy/kvmesh.yaml`,
+//! `envoy/kvmesh-native.yaml` and the measured Envoy/proxy-wasm facts (singleton WasmService +
+//! shared data).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -25,13 +27,72 @@ pub struct Bootstrap<'a> {
     /// Envoy admin port (on 127.0.0.1).
     pub admin_port: u16,
     /// The filter module.
-    pub wasm: &'a Path,
+    pub filter: FilterModule<'a>,
     /// The HTTP filter's configuration (JSON).
     pub filter_config: &'a str,
     /// State mode: the control plane's gRPC port and the state service's configuration (JSON).
     pub state_service: Option<(u16, &'a str)>,
     /// Workers, `127.0.0.1` ports.
     pub worker_ports: &'a [u16],
+}
+
+/// Which build of the filter, and its file.
+#[derive(Clone, Copy, Debug)]
+pub enum FilterModule<'a> {
+    /// `kvmesh_filter.wasm`, run by V8.
+    Wasm(&'a Path),
+    /// `libkvmesh_filter_native.so`, an Envoy dynamic module.
+    Native(&'a Path),
+}
+
+impl FilterModule<'_> {
+    /// The HTTP filter's name in Envoy (also the key that disables it per route).
+    fn envoy_name(self) -> &'static str {
+        match self {
+            FilterModule::Wasm(_) => "envoy.filters.http.wasm",
+            FilterModule::Native(_) => "envoy.filters.http.dynamic_modules",
+        }
+    }
+
+    /// The `http_filters` entry with `config` (JSON) as the filter's configuration.
+    fn http_filter(self, config: &str) -> String {
+        match self {
+            FilterModule::Wasm(wasm) => format!(
+                r#"          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: kvmesh
+                root_id: ""
+{vm}                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {config}
+                # REQUIRED for routing on the body: without it a paused request hangs.
+                allow_on_headers_stop_iteration: true
+                # A crashed filter VM degrades to the cluster's round robin instead of 503s.
+                failure_policy: FAIL_OPEN
+"#,
+                vm = vm_config(wasm, "                "),
+                config = yaml_string(config),
+            ),
+            FilterModule::Native(module) => format!(
+                r#"          - name: envoy.filters.http.dynamic_modules
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config:
+                module: {{ local: {{ filename: {module} }} }}
+                # The module's connection thread lives as long as the process.
+                do_not_close: true
+              filter_name: kvmesh
+              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: {config}
+"#,
+                module = yaml_string(&module.to_string_lossy()),
+                config = yaml_string(config),
+            ),
+        }
+    }
 }
 
 /// A YAML double-quoted scalar (its escapes are a superset of JSON's for these characters).
@@ -90,7 +151,7 @@ impl Bootstrap<'_> {
             "admin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }}\n",
             self.admin_port
         );
-        if let Some((_, service_config)) = self.state_service {
+        if let (Some((_, service_config)), FilterModule::Wasm(wasm)) = (self.state_service, self.filter) {
             let _ = write!(
                 out,
                 "# The state service: one VM on the main thread holds the control plane's gRPC stream\n\
@@ -107,7 +168,7 @@ impl Bootstrap<'_> {
                  \x20     configuration:\n\
                  \x20       \"@type\": type.googleapis.com/google.protobuf.StringValue\n\
                  \x20       value: {config}\n",
-                vm = vm_config(self.wasm, "      "),
+                vm = vm_config(wasm, "      "),
                 config = yaml_string(service_config),
             );
         }
@@ -152,24 +213,11 @@ impl Bootstrap<'_> {
                   timeout: 300s
                 request_headers_to_remove: ["x-gateway-destination-endpoint"]
                 typed_per_filter_config:
-                  envoy.filters.http.wasm:
+                  {filter_name}:
                     "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
                     disabled: true
           http_filters:
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: kvmesh
-                root_id: ""
-{vm}                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {filter_config}
-                # REQUIRED for routing on the body: without it a paused request hangs.
-                allow_on_headers_stop_iteration: true
-                # A crashed filter VM degrades to the cluster's round robin instead of 503s.
-                failure_policy: FAIL_OPEN
-          - name: envoy.filters.http.router
+{filter}          - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
@@ -198,8 +246,8 @@ impl Bootstrap<'_> {
 "#,
             listen = self.listen,
             port = self.port,
-            vm = vm_config(self.wasm, "                "),
-            filter_config = yaml_string(self.filter_config),
+            filter_name = self.filter.envoy_name(),
+            filter = self.filter.http_filter(self.filter_config),
             workers = endpoints(self.worker_ports),
         );
         if let Some((grpc_port, _)) = self.state_service {
@@ -234,7 +282,7 @@ mod tests {
             listen: "127.0.0.1",
             port: 8080,
             admin_port: 9901,
-            wasm: Path::new("/w/kvmesh_filter.wasm"),
+            filter: FilterModule::Wasm(Path::new("/w/kvmesh_filter.wasm")),
             filter_config: r#"{"state":{}}"#,
             state_service: state.then_some((9091, r#"{"control_plane":{"cluster":"kvmesh_control_plane"}}"#)),
             worker_ports: &[8001, 8002],
@@ -278,6 +326,38 @@ mod tests {
         let yaml: serde_norway::Value = serde_norway::from_str(&bootstrap(false)).expect("valid YAML");
         assert!(yaml.get("bootstrap_extensions").is_none());
         assert_eq!(yaml["static_resources"]["clusters"].as_sequence().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn native_filter_has_no_state_service_and_is_disabled_off_inference_paths() {
+        let config = r#"{"state":{},"control_plane":{"address":"http://127.0.0.1:9091"}}"#;
+        let yaml = Bootstrap {
+            listen: "127.0.0.1",
+            port: 8080,
+            admin_port: 9901,
+            filter: FilterModule::Native(Path::new("/w/libkvmesh_filter_native.so")),
+            filter_config: config,
+            state_service: None,
+            worker_ports: &[8001],
+        }
+        .to_yaml();
+        let yaml: serde_norway::Value = serde_norway::from_str(&yaml).expect("valid YAML");
+        assert!(yaml.get("bootstrap_extensions").is_none());
+        assert_eq!(yaml["static_resources"]["clusters"].as_sequence().map(Vec::len), Some(1));
+        let hcm = &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        let filter = &hcm["http_filters"][0];
+        assert_eq!(filter["name"], "envoy.filters.http.dynamic_modules");
+        let typed = &filter["typed_config"];
+        assert_eq!(
+            typed["dynamic_module_config"]["module"]["local"]["filename"],
+            "/w/libkvmesh_filter_native.so"
+        );
+        assert_eq!(typed["filter_name"], "kvmesh");
+        assert_eq!(typed["filter_config"]["value"], config);
+        let routes = &hcm["route_config"]["virtual_hosts"][0]["routes"];
+        let disabled =
+            &routes[2]["typed_per_filter_config"]["envoy.filters.http.dynamic_modules"]["disabled"];
+        assert_eq!(*disabled, true);
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
-use super::FilterMode;
 use super::dry_run::{command_line, display_host};
 use super::engines::{Backend, Device};
 use super::http;
@@ -19,6 +18,7 @@ use super::process::{
     Children, ENGINE_STOP_GRACE, Policy, Running, STOP_GRACE, catch_stop_signals, stop_requested,
 };
 use super::progress::Progress;
+use super::{FilterBuild, FilterMode};
 
 /// How long one probe request may take.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -141,9 +141,19 @@ impl Readiness<'_> {
                 };
                 let since = envoy.max(registered);
                 let loads = model_loads(plan.ports.envoy_admin);
-                let want = u64::from(plan.envoy_concurrency);
+                // The Wasm filter loads the tokenizer in each worker thread's VM; the native module
+                // once for the process.
+                let (want, done) = match plan.filter {
+                    FilterBuild::Wasm => {
+                        let n = u64::from(plan.envoy_concurrency);
+                        (n, format!("{} loaded in {n} worker VM(s)", plan.model))
+                    }
+                    FilterBuild::Native => {
+                        (1, format!("{} loaded (native module, once per Envoy)", plan.model))
+                    }
+                };
                 if loads.is_some_and(|n| n >= want) {
-                    self.progress.ready("filter", &format!("{} loaded in {want} worker VM(s)", plan.model));
+                    self.progress.ready("filter", &done);
                     return true;
                 }
                 if since.elapsed() < self.filter_timeout {
@@ -153,7 +163,7 @@ impl Readiness<'_> {
                 self.progress.warn(&match loads {
                     None => format!(
                         "the filter reports no {MODEL_LOADS_METRIC} after {secs}s: going on without knowing \
-                         whether it routes yet (an older filter module? `make wasm`)"
+                         whether it routes yet (an older filter module? `make wasm` or `make native`)"
                     ),
                     Some(n) => {
                         format!("the filter loaded the model in {n} of {want} VMs within {secs}s; going on")

@@ -112,6 +112,26 @@ pub fn filter_wasm(flag: Option<&Path>) -> Located {
     Located { path, found, hint }
 }
 
+/// The native filter module: `--filter-native`, `$KVMESH_FILTER_NATIVE`, else where `make native`
+/// writes it.
+pub fn filter_native(flag: Option<&Path>) -> Located {
+    let hint = "; run `make native` to build it (or pass --filter-native)".to_owned();
+    let path = match flag {
+        Some(path) => path.to_path_buf(),
+        None => match env_var("KVMESH_FILTER_NATIVE") {
+            Some(path) => PathBuf::from(path),
+            None => {
+                let target = env_var("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| cache_dir().join("target"));
+                target.join("release/libkvmesh_filter_native.so")
+            }
+        },
+    };
+    let found = path.is_file();
+    Located { path, found, hint }
+}
+
 /// The tokenizer directory of `model`: `--tokenizer-dir`; the model itself when it is a local
 /// directory; its files in the HuggingFace hub cache; or, for Qwen3 and Llama 3.1 models, the files
 /// `make setup` fetched into `$KVMESH_TOKENIZERS`.

@@ -10,10 +10,10 @@ use anyhow::{Context as _, bail};
 use kvmesh_control_plane::config::{Config as ControlPlaneConfig, ModelConfig};
 use kvmesh_core::{Engine, Role, RoutingConfig, WorkerInfo, WorkerState};
 
-use super::bootstrap::{self, Bootstrap};
+use super::bootstrap::{self, Bootstrap, FilterModule};
 use super::engines::{self, Backend, Device, EngineContext, SimEngine, Worker};
 use super::locate::{self, Located};
-use super::{FilterMode, ServeArgs};
+use super::{FilterBuild, FilterMode, ServeArgs};
 
 /// What a process is, for readiness checks and messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,6 +117,8 @@ pub struct Plan {
     pub envoy_concurrency: u32,
     /// How the filter learns the fleet.
     pub filter_mode: FilterMode,
+    /// Which build of the filter Envoy runs.
+    pub filter: FilterBuild,
     /// Programs and files that must exist for a real run, with what they are.
     pub required: Vec<(String, Located)>,
 }
@@ -170,7 +172,12 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
     }
     let nats = locate::nats_server();
     let envoy = locate::envoy();
-    let wasm = locate::filter_wasm(args.filter_wasm.as_deref());
+    let (module, module_name) = match args.filter {
+        FilterBuild::Wasm => (locate::filter_wasm(args.filter_wasm.as_deref()), "kvmesh_filter.wasm"),
+        FilterBuild::Native => {
+            (locate::filter_native(args.filter_native.as_deref()), "libkvmesh_filter_native.so")
+        }
+    };
 
     // Workers: N that do both, or P prefill then D decode.
     let roles: Vec<(String, Role)> = match (args.prefill, args.decode) {
@@ -217,7 +224,7 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
     let mut files = Vec::new();
     let mut processes = Vec::new();
     let mut required = vec![("nats-server".to_owned(), nats.clone()), ("Envoy".to_owned(), envoy.clone())];
-    required.push(("the filter module kvmesh_filter.wasm".to_owned(), wasm.clone()));
+    required.push((format!("the filter module {module_name}"), module.clone()));
     required.push((format!("tokenizer files of {}", args.model), tokenizer.clone()));
     if let Some(dir) = &args.model_path {
         let found = dir.join("config.json").is_file();
@@ -298,6 +305,13 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
         FilterMode::State => {
             // A local fleet reads every response's `usage`: accuracy is what one looks at here.
             let mut config = serde_json::json!({ "state": {}, "accuracy_sample_every": 1 });
+            if args.filter == FilterBuild::Native {
+                // The native module holds the control plane's stream itself.
+                config["control_plane"] = serde_json::json!({
+                    "address": format!("http://127.0.0.1:{}", ports.grpc),
+                    "node": "kvmesh-serve",
+                });
+            }
             if explicit_routing && let Some(routing) = routing {
                 config["routing"] = serde_json::to_value(routing)?;
             }
@@ -320,9 +334,13 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
             listen: &args.listen,
             port: ports.listen,
             admin_port: ports.envoy_admin,
-            wasm: &wasm.path,
+            filter: match args.filter {
+                FilterBuild::Wasm => FilterModule::Wasm(&module.path),
+                FilterBuild::Native => FilterModule::Native(&module.path),
+            },
             filter_config: &filter_config,
-            state_service: (args.filter_mode == FilterMode::State)
+            // The Wasm filter's VMs follow a state service; the native module connects itself.
+            state_service: (args.filter_mode == FilterMode::State && args.filter == FilterBuild::Wasm)
                 .then_some((ports.grpc, service_config.as_str())),
             worker_ports: &worker_ports,
         }
@@ -362,6 +380,7 @@ pub fn build(args: &ServeArgs) -> anyhow::Result<Plan> {
         admin_token,
         envoy_concurrency: args.envoy_concurrency,
         filter_mode: args.filter_mode,
+        filter: args.filter,
         required,
     })
 }
