@@ -241,7 +241,10 @@ impl<S: StatsSink> Follow<S> {
                         log::warn!("kvmesh dynamic module: state stream skipped a version; resubscribing");
                         return Ended::Resubscribe;
                     }
-                    self.fetch_missing_assets(&mut client).await;
+                    tokio::select! {
+                        _ = stop.changed() => return Ended::Stopped,
+                        () = self.fetch_missing_assets(&mut client) => {}
+                    }
                     self.update_loaded();
                 }
                 Err(e) => {
@@ -357,5 +360,63 @@ impl ThreadFollower {
             router.adopt_models(&loaded);
         }
         Some((polled, now.elapsed()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvmesh_filter::FilterConfig;
+    use pb::state_update::Body;
+
+    use super::*;
+
+    fn config() -> FilterConfig {
+        FilterConfig::from_bytes(Some(br#"{"state":{"ttl_ms":5000,"poll_ms":10}}"#)).expect("valid")
+    }
+
+    fn shared() -> Shared {
+        Shared { store: ProcessStore::default(), loaded: Mutex::new(Router::new(&config()).expect("router")) }
+    }
+
+    fn snapshot(workers: u32) -> Vec<u8> {
+        let workers = (1..=workers)
+            .map(|handle| pb::WorkerEntry {
+                handle,
+                worker_id: format!("w{handle}"),
+                address: format!("127.0.0.1:{}", 9000 + handle),
+                model: "m".into(),
+                block_size: 4,
+                ..pb::WorkerEntry::default()
+            })
+            .collect();
+        let body = Body::Snapshot(pb::Snapshot { workers, ..pb::Snapshot::default() });
+        pb::StateUpdate { epoch: 1, version: 1, sent_at_ms: 1, body: Some(body) }.encode_to_vec()
+    }
+
+    #[test]
+    fn a_worker_thread_follows_what_the_connection_relayed_when_a_poll_is_due() {
+        let shared = shared();
+        let mut publisher = Publisher::new(None);
+        let received = publisher.receive(&snapshot(2), 1_000, &mut StoreRef(&shared.store)).expect("relayed");
+        assert_eq!(received, Received::Snapshot);
+
+        let mut router = Router::new(&config()).expect("router");
+        assert_eq!(router.worker_count(), 0);
+        let mut follower = ThreadFollower::new(Duration::from_secs(60));
+        let (polled, _) = follower.follow(&shared, &mut router).expect("the first poll is due");
+        assert!(polled.snapshot);
+        assert_eq!(router.worker_count(), 2);
+        assert!(!router.state_is_stale(1_000), "heard from at the relay's time");
+        assert!(router.state_is_stale(1_000 + 5_001), "stale past the TTL");
+        assert!(follower.follow(&shared, &mut router).is_none(), "the next poll is not due yet");
+    }
+
+    #[test]
+    fn the_store_hands_back_what_was_set() {
+        let store = ProcessStore::default();
+        assert_eq!(StoreRef(&store).get("k"), None);
+        StoreRef(&store).set("k", b"v1").expect("set");
+        StoreRef(&store).set("k", b"v2").expect("set");
+        assert_eq!(StoreRef(&store).get("k").as_deref(), Some(&b"v2"[..]));
     }
 }
