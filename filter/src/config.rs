@@ -127,8 +127,8 @@ pub struct ControlPlaneConfig {
     /// Wasm state service: the Envoy cluster (HTTP/2) of the control plane's gRPC listener.
     #[serde(default)]
     pub cluster: Option<String>,
-    /// Native module: the control plane's gRPC endpoint, `http://host:port`, which the module
-    /// connects to itself (not through Envoy).
+    /// Native module: the control plane's gRPC endpoint, `http://host:port` (plaintext HTTP/2, as
+    /// the control plane serves it), which the module connects to itself (not through Envoy).
     #[serde(default)]
     pub address: Option<String>,
     /// The name this Envoy gives itself in the subscription (logs and metrics only).
@@ -274,10 +274,12 @@ impl FilterConfig {
                     ));
                 }
                 (None, Some(address)) => {
-                    if !(address.starts_with("http://") || address.starts_with("https://")) {
+                    // The module's gRPC client is built without TLS (the control plane's listener
+                    // is plaintext HTTP/2 too).
+                    if !address.starts_with("http://") {
                         return Err(invalid(
                             "control_plane.address".to_owned(),
-                            format!("`{address}` is not an http:// or https:// URI"),
+                            format!("`{address}` is not an http:// URI (TLS is not supported yet)"),
                         ));
                     }
                     if self.state.is_none() {
