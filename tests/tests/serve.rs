@@ -292,15 +292,7 @@ fn serve_with_the_native_filter_routes_on_the_control_plane() {
     assert!(envoy_yaml.contains("envoy.filters.http.dynamic_modules"), "{envoy_yaml}");
     assert!(!envoy_yaml.contains("envoy.bootstrap.wasm"), "no state service with the native filter");
 
-    let post = |body: &str| {
-        http::post(
-            serve.port,
-            "/v1/chat/completions",
-            &[("content-type", "application/json")],
-            body.as_bytes(),
-        )
-        .expect("POST through Envoy")
-    };
+    let post = |body: &str| kvmesh_tests::fleet::post_chat(serve.port, body);
     let first = post(&chat(&system_prompt("geology"), "What is basalt?"));
     assert_eq!(first.status, 200, "{}", first.message.body_text());
     // Once the engine's KV events reached the control plane and its stream the module, the same

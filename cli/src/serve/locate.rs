@@ -95,36 +95,40 @@ pub fn envoy() -> Located {
 
 /// The filter module: `--filter-wasm`, `$KVMESH_FILTER_WASM`, else where `make wasm` writes it.
 pub fn filter_wasm(flag: Option<&Path>) -> Located {
-    let hint = "; run `make wasm` to build it (or pass --filter-wasm)".to_owned();
-    let path = match flag {
-        Some(path) => path.to_path_buf(),
-        None => match env_var("KVMESH_FILTER_WASM") {
-            Some(path) => PathBuf::from(path),
-            None => {
-                let target = env_var("CARGO_TARGET_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| cache_dir().join("target"));
-                target.join("wasm32-wasip1/wasm/kvmesh_filter.wasm")
-            }
-        },
-    };
-    let found = path.is_file();
-    Located { path, found, hint }
+    built_file(
+        flag,
+        "KVMESH_FILTER_WASM",
+        "wasm32-wasip1/wasm/kvmesh_filter.wasm",
+        "make wasm",
+        "--filter-wasm",
+    )
 }
 
 /// The native filter module: `--filter-native`, `$KVMESH_FILTER_NATIVE`, else where `make native`
 /// writes it.
 pub fn filter_native(flag: Option<&Path>) -> Located {
-    let hint = "; run `make native` to build it (or pass --filter-native)".to_owned();
+    built_file(
+        flag,
+        "KVMESH_FILTER_NATIVE",
+        "release/libkvmesh_filter_native.so",
+        "make native",
+        "--filter-native",
+    )
+}
+
+/// A file this repository builds: `flag`, else `$variable`, else `in_target` under the cargo
+/// target dir (`$CARGO_TARGET_DIR`, else the cache's), with a hint naming the `make` target.
+fn built_file(flag: Option<&Path>, variable: &str, in_target: &str, make: &str, flag_name: &str) -> Located {
+    let hint = format!("; run `{make}` to build it (or pass {flag_name})");
     let path = match flag {
         Some(path) => path.to_path_buf(),
-        None => match env_var("KVMESH_FILTER_NATIVE") {
+        None => match env_var(variable) {
             Some(path) => PathBuf::from(path),
             None => {
                 let target = env_var("CARGO_TARGET_DIR")
                     .map(PathBuf::from)
                     .unwrap_or_else(|| cache_dir().join("target"));
-                target.join("release/libkvmesh_filter_native.so")
+                target.join(in_target)
             }
         },
     };
