@@ -75,8 +75,11 @@ bench-envoy: setup wasm ## Envoy with and without the filter: added latency, thr
 fuzz: setup ## Fuzz every decoder of outside bytes (cargo fuzz, libFuzzer), FUZZ_SECONDS each.
 	@bash scripts/fuzz.sh $(TARGETS)
 
+# FILTER=native runs the filter as the native Envoy module instead of the Wasm one.
+FILTER ?= wasm
 demo: setup wasm ## Start a simulated fleet behind Envoy (kvmesh serve), send a chat workload, compare policies.
-	@$(CARGO) run -p kvmesh-cli -- demo --serve
+	@if [ "$(FILTER)" = native ]; then $(MAKE) --no-print-directory native; fi
+	@$(CARGO) run -p kvmesh-cli -- demo --serve --filter $(FILTER)
 
 clean: ## Remove build outputs (the shared target dir); the downloaded tools stay in the cache.
 	@$(CARGO) clean

@@ -30,6 +30,10 @@ pub struct DemoArgs {
     /// and report time to first token too.
     #[arg(long)]
     pub(crate) serve: bool,
+    /// With --serve: which build of the filter Envoy runs (`native`: the dynamic module `make
+    /// native` builds).
+    #[arg(long, value_enum, default_value = "wasm", requires = "serve")]
+    pub(crate) filter: crate::serve::FilterBuild,
     /// Model tokenizer directory (tokenizer.json, tokenizer_config.json); defaults to the Qwen3 files
     /// that `make setup` fetches into $KVMESH_TOKENIZERS/qwen3.
     #[arg(long, value_name = "DIR")]

@@ -128,6 +128,7 @@ fn serve_args(args: &DemoArgs) -> anyhow::Result<ServeArgs> {
         format!("--sim-kv-blocks={}", args.kv_blocks),
         format!("--port={port}"),
         format!("--admin-port={admin_port}"),
+        format!("--filter={}", args.filter.name()),
     ];
     Ok(Wrapper::try_parse_from(flags)?.serve)
 }

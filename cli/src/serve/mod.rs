@@ -53,6 +53,16 @@ pub enum FilterBuild {
     Native,
 }
 
+impl FilterBuild {
+    /// The flag value that names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FilterBuild::Wasm => "wasm",
+            FilterBuild::Native => "native",
+        }
+    }
+}
+
 /// Flags of `kvmesh serve`.
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
