@@ -178,8 +178,15 @@ impl EnvoyConfig {
         // xDS subscriptions need the node's id and cluster.
         let node =
             if self.workers_from_eds.is_some() { "node: { id: kvmesh-test, cluster: kvmesh }\n" } else { "" };
+        // The native filter's metrics under the Wasm filter's Prometheus names, as deployed.
+        let runtime = if self.dynamic_module.is_some() {
+            "layered_runtime:\n  layers:\n  - name: kvmesh\n    static_layer:\n      \
+             envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix: true\n"
+        } else {
+            ""
+        };
         format!(
-            r#"{node}{service}admin:
+            r#"{node}{runtime}{service}admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
 static_resources:
   listeners:

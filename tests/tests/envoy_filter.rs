@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use kvmesh_tests::envoy::{Envoy, EnvoyConfig};
 use kvmesh_tests::fleet::{
-    Agent, ControlPlane, Sim, chat, filter_metric, filter_stats, post_chat, requests_per_worker_at,
+    Agent, ControlPlane, Sim, chat, filter_metric, filter_stats, metric, post_chat, requests_per_worker_at,
 };
 use kvmesh_tests::http::{self, EchoUpstream};
 use kvmesh_tests::nats::NatsServer;
@@ -224,5 +224,8 @@ fn standalone_bootstrap_finds_its_workers_and_skips_the_filter_off_inference_pat
     assert_eq!(resp.status, 200, "{}\n{}", resp.message.body_text(), envoy.log_text());
     let stats = filter_stats(admin);
     assert_eq!(filter_metric(&stats, "kvmesh_filter_decisions_routed_total"), Some(1), "{stats}");
+    // Both builds under the same Prometheus names (the native template sets the runtime key).
+    let prometheus = http::get(admin, "/stats/prometheus").expect("admin stats").message.body_text();
+    assert_eq!(metric(&prometheus, "kvmesh_filter_decisions_routed_total"), Some(1), "{prometheus}");
     envoy.kill();
 }

@@ -93,6 +93,13 @@ fn native_module_routes_on_cached_prefix_and_answers_errors() {
     ] {
         assert_eq!(counter(&envoy, name), expected, "{name}");
     }
+    // In Prometheus under the Wasm filter's names, so one dashboard serves both builds.
+    let prometheus = kvmesh_tests::fleet::prometheus(&envoy);
+    assert_eq!(
+        kvmesh_tests::fleet::metric(&prometheus, "kvmesh_filter_decisions_routed_total"),
+        Some(2),
+        "{prometheus}"
+    );
 }
 
 #[test]

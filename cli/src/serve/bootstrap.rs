@@ -36,6 +36,18 @@ pub struct Bootstrap<'a> {
     pub worker_ports: &'a [u16],
 }
 
+/// With the native filter: its metrics appear in `/stats/prometheus` under the Wasm filter's names
+/// (`kvmesh_filter_*`, not `envoy_dynamicmodulescustom_kvmesh_filter_*`), so one dashboard serves
+/// both builds (Envoy 1.40's runtime guard for dynamic modules' stat prefix).
+pub const NATIVE_METRIC_NAMES: &str = "\
+# The native filter's metrics under the Wasm filter's Prometheus names (kvmesh_filter_*).
+layered_runtime:
+  layers:
+  - name: kvmesh
+    static_layer:
+      envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix: true
+";
+
 /// Which build of the filter, and its file.
 #[derive(Clone, Copy, Debug)]
 pub enum FilterModule<'a> {
@@ -151,6 +163,9 @@ impl Bootstrap<'_> {
             "admin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }}\n",
             self.admin_port
         );
+        if let FilterModule::Native(_) = self.filter {
+            out.push_str(NATIVE_METRIC_NAMES);
+        }
         if let (Some((_, service_config)), FilterModule::Wasm(wasm)) = (self.state_service, self.filter) {
             let _ = write!(
                 out,
@@ -343,6 +358,8 @@ mod tests {
         .to_yaml();
         let yaml: serde_norway::Value = serde_norway::from_str(&yaml).expect("valid YAML");
         assert!(yaml.get("bootstrap_extensions").is_none());
+        let layer = &yaml["layered_runtime"]["layers"][0]["static_layer"];
+        assert_eq!(layer["envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix"], true);
         assert_eq!(yaml["static_resources"]["clusters"].as_sequence().map(Vec::len), Some(1));
         let hcm = &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
         let filter = &hcm["http_filters"][0];
