@@ -33,7 +33,7 @@ use kvmesh_filter::stats::{MetricKind, StatsSink};
 use kvmesh_filter::{FILTER_VERSION, FilterConfig};
 
 use abi::*;
-use state::{Connection, Link, ProcessStore, Shared, ThreadFollower};
+use state::{Connection, Link, ProcessStore, Routing, Shared, WorkerState};
 
 /// Worker threads with a router of their own; a request on a thread past this passes unrouted.
 const MAX_WORKERS: usize = 256;
@@ -41,29 +41,14 @@ const MAX_WORKERS: usize = 256;
 /// One filter configuration (`filter_config` of the Envoy filter).
 struct Config {
     /// The control plane's stream (with `control_plane.address`); first to go on destroy, since
-    /// its thread updates this configuration's metrics.
+    /// its thread updates this configuration's metrics and routers.
     _connection: Option<Connection>,
     filter: FilterConfig,
     /// The process's router (built when Envoy loads the configuration: the tokenizers loaded once
-    /// per process) and the relayed state.
+    /// per process), the worker threads' routers and the relayed state.
     shared: Arc<Shared>,
-    /// One per Envoy worker thread, by `get_worker_index`, made on first use.
-    workers: Box<[OnceLock<WorkerState>]>,
     metrics: Arc<Metrics<EnvoyStats>>,
     accuracy: AccuracyMetrics<EnvoyStats>,
-}
-
-/// What one Envoy worker thread routes with.
-struct WorkerState {
-    /// `None` when it failed to build (logged): that thread's requests then pass unrouted.
-    router: Option<Mutex<Routing>>,
-    settings: Settings,
-}
-
-/// A worker thread's router and its reader of the relayed state (with `state`).
-struct Routing {
-    router: Router,
-    follower: Option<ThreadFollower>,
 }
 
 impl Config {
@@ -72,16 +57,23 @@ impl Config {
     fn worker(&self, filter: FilterEnvoyPtr) -> Option<Thread<'_>> {
         // SAFETY: `filter` is the pointer Envoy passed to the running hook.
         let index = unsafe { envoy_dynamic_module_callback_http_filter_get_worker_index(filter) } as usize;
-        let state = self.workers.get(index)?.get_or_init(|| {
+        let state = self.shared.workers.get(index)?.get_or_init(|| {
             let forked = self
                 .shared
                 .loaded
                 .lock()
                 .map_err(|_| "poisoned".to_owned())
                 .and_then(|loaded| loaded.fork(&self.filter).map_err(|e| e.to_string()));
-            let follower = self.filter.state.map(|s| ThreadFollower::new(Duration::from_millis(s.poll_ms)));
             let router = match forked {
-                Ok(router) => Some(Mutex::new(Routing { router, follower })),
+                Ok(router) => {
+                    let started = Instant::now();
+                    let (routing, polled) =
+                        Routing::new(router, self.filter.state.is_some(), &self.shared.store);
+                    if let Some(polled) = polled {
+                        self.metrics.state_polled(&polled, started.elapsed().as_micros() as u64);
+                    }
+                    Some(Mutex::new(routing))
+                }
                 Err(e) => {
                     log::error!("kvmesh dynamic module: worker {index} has no router: {e}");
                     None
@@ -100,14 +92,14 @@ struct Thread<'a> {
 }
 
 impl Thread<'_> {
-    /// Brings this thread's router up to the relayed state when a poll is due.
-    fn follow(&self) {
+    /// Records, on this Envoy thread, how long the connection thread's applies to this thread's
+    /// router took (Envoy's histograms take values only on its own threads).
+    fn record_apply_times(&self) {
         let Some(Ok(mut routing)) = self.state.router.as_ref().map(Mutex::lock) else { return };
-        let Routing { router, follower: Some(follower) } = &mut *routing else { return };
-        if let Some((polled, took)) = follower.follow(&self.config.shared, router) {
-            self.config.metrics.state_polled(&polled, took.as_micros() as u64);
-            if polled.snapshot {
-                self.config.metrics.state_hash_version(router.foreign_hash_version());
+        if let Some(times) = routing.take_apply_times() {
+            drop(routing);
+            for micros in times {
+                self.config.metrics.state_apply_time(micros);
             }
         }
     }
@@ -499,7 +491,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             loaded.worker_count(),
             started.elapsed().as_millis()
         );
-        let shared = Arc::new(Shared { store: ProcessStore::default(), loaded: Mutex::new(loaded) });
+        let shared = Arc::new(Shared {
+            store: ProcessStore::default(),
+            loaded: Mutex::new(loaded),
+            workers: (0..MAX_WORKERS).map(|_| OnceLock::new()).collect(),
+        });
         let metrics = Arc::new(Metrics::define(EnvoyStats(config_envoy)));
         metrics.model_loaded_n(shared.loaded.lock().map_or(0, |r| r.model_count()));
         let connection = match filter.control_plane.as_ref().and_then(|cp| Some((cp, cp.address.clone()?))) {
@@ -526,7 +522,6 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             _connection: connection,
             filter,
             shared,
-            workers: (0..MAX_WORKERS).map(|_| OnceLock::new()).collect(),
             metrics,
             accuracy: AccuracyMetrics::define(EnvoyStats(config_envoy)),
         };
@@ -582,7 +577,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     // SAFETY: per the hook's contract.
     unsafe {
         with_request(envoy, module, HEADERS_CONTINUE, |request, thread, stream| {
-            thread.follow();
+            thread.record_apply_times();
             status(request.on_request_headers(thread, stream, end_of_stream), HEADERS_STOP_ITERATION)
         })
     }

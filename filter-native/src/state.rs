@@ -1,22 +1,25 @@
 //! The control plane's state in the native module. Envoy's worker threads share the module's
 //! memory, so one connection serves the whole process: a thread of the module's own holds the
 //! gRPC stream (`kvmesh.v1.State/Subscribe`), fetches models' files (`GetModelAssets`), and
-//! relays both into an in-process store with the Wasm filter's relay ([`Publisher`]). Each worker
-//! thread's router follows that store with its own [`Follower`], polled when a request arrives at
-//! most every `state.poll_ms`, as a Wasm VM follows shared data on its timer.
+//! relays both into an in-process store with the Wasm filter's relay ([`Publisher`]). Every worker
+//! thread's router keeps its own [`Follower`] of that store, as a Wasm VM does of shared data, but
+//! the connection thread does the following: after each message it applies what changed to every
+//! worker's router (each behind a mutex its worker takes per request), so the request path does no
+//! state work at all. A request arriving during an apply waits for it (tens of µs).
 //!
 //! Tokenizers load once per process: the connection thread keeps the process's router ([`Shared`]
 //! `loaded`, from which worker threads fork theirs) following the state too, loads the files of
 //! every model it wants there, and worker routers adopt the loaded models ([`Router::adopt_models`])
-//! instead of loading their own.
+//! instead of loading their own. Locks are taken in one order: `loaded`, then a worker's.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use kvmesh_filter::flow::Settings;
 use kvmesh_filter::metrics::{Metrics, StreamMetrics};
-use kvmesh_filter::relay::{Follower, Publisher, Received, SharedStore, assets_key};
+use kvmesh_filter::relay::{Follower, Polled, Publisher, Received, SharedStore, assets_key};
 use kvmesh_filter::router::Router;
 use kvmesh_filter::stats::StatsSink;
 use kvmesh_proto::v1 as pb;
@@ -68,6 +71,80 @@ pub(crate) struct Shared {
     /// The process's router: the static models loaded at start, the control plane's loaded by the
     /// connection thread; worker threads fork from it and adopt its models.
     pub(crate) loaded: Mutex<Router>,
+    /// One per Envoy worker thread, by its index, made on the thread's first request.
+    pub(crate) workers: Box<[OnceLock<WorkerState>]>,
+}
+
+/// What one Envoy worker thread routes with.
+pub(crate) struct WorkerState {
+    /// `None` when it failed to build (logged): that thread's requests then pass unrouted.
+    pub(crate) router: Option<Mutex<Routing>>,
+    pub(crate) settings: Settings,
+}
+
+/// A worker thread's router and its reader of the relayed state (with `state`).
+pub(crate) struct Routing {
+    pub(crate) router: Router,
+    follower: Option<Follower>,
+    /// How long the connection thread's applies took, µs, for the worker to record: Envoy's
+    /// histograms are per Envoy thread, and recording from another thread crashes Envoy
+    /// (counters and gauges are atomic and safe anywhere). Bounded; the oldest are dropped.
+    apply_times: Vec<u64>,
+}
+
+/// Apply times a worker keeps until its next request records them.
+const MAX_APPLY_TIMES: usize = 64;
+
+impl Routing {
+    /// A worker's `router`; one that `follows` the control plane catches up with `store` at once
+    /// (the connection thread brings it along from then on), and says what that applied.
+    pub(crate) fn new(mut router: Router, follows: bool, store: &ProcessStore) -> (Routing, Option<Polled>) {
+        let mut polled = None;
+        let follower = follows.then(|| {
+            let mut follower = Follower::default();
+            polled = Some(follower.poll(&StoreRef(store), &mut router));
+            router.set_state_heard_at(follower.heard_at_ms());
+            follower
+        });
+        (Routing { router, follower, apply_times: Vec::new() }, polled)
+    }
+
+    /// The apply times noted since the last call (the worker thread records them).
+    pub(crate) fn take_apply_times(&mut self) -> Option<Vec<u64>> {
+        (!self.apply_times.is_empty()).then(|| std::mem::take(&mut self.apply_times))
+    }
+
+    /// Applies what was relayed since the last time and adopts the loaded models this router
+    /// still lacks; `None` for a router that does not follow the control plane.
+    fn follow(&mut self, store: &ProcessStore, loaded: &Router) -> Option<Polled> {
+        let follower = self.follower.as_mut()?;
+        let polled = follower.poll(&StoreRef(store), &mut self.router);
+        self.router.set_state_heard_at(follower.heard_at_ms());
+        if !self.router.models_wanted().is_empty() {
+            self.router.adopt_models(loaded);
+        }
+        Some(polled)
+    }
+}
+
+impl Shared {
+    /// Brings every worker's router up to the relayed state (the connection thread, after each
+    /// message), calling `applied` with what each poll applied; how long each took is kept for
+    /// the worker to record.
+    fn follow_workers(&self, mut applied: impl FnMut(&Polled, &Router)) {
+        let loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        for worker in self.workers.iter().filter_map(OnceLock::get) {
+            let Some(Ok(mut routing)) = worker.router.as_ref().map(Mutex::lock) else { continue };
+            let started = Instant::now();
+            if let Some(polled) = routing.follow(&self.store, &loaded) {
+                let took = started.elapsed();
+                if (polled.snapshot || polled.deltas > 0) && routing.apply_times.len() < MAX_APPLY_TIMES {
+                    routing.apply_times.push(took.as_micros() as u64);
+                }
+                applied(&polled, &routing.router);
+            }
+        }
+    }
 }
 
 /// What the connection thread needs beside [`Shared`].
@@ -246,6 +323,7 @@ impl<S: StatsSink> Follow<S> {
                         () = self.fetch_missing_assets(&mut client) => {}
                     }
                     self.update_loaded();
+                    self.update_workers();
                 }
                 Err(e) => {
                     self.link.metrics.error();
@@ -326,40 +404,17 @@ impl<S: StatsSink> Follow<S> {
     }
 }
 
-/// A worker thread's reader of the relayed state.
-pub(crate) struct ThreadFollower {
-    follower: Follower,
-    poll_every: Duration,
-    next_poll: Instant,
-}
-
-impl ThreadFollower {
-    /// A reader that polls at most every `poll_every`.
-    pub(crate) fn new(poll_every: Duration) -> ThreadFollower {
-        ThreadFollower { follower: Follower::default(), poll_every, next_poll: Instant::now() }
-    }
-
-    /// Applies what was relayed since the last poll, if one is due, and adopts the process's
-    /// loaded models this router still lacks (skipped while a load holds them). `None` when no
-    /// poll was due, else what the poll applied and how long it took.
-    pub(crate) fn follow(
-        &mut self,
-        shared: &Shared,
-        router: &mut Router,
-    ) -> Option<(kvmesh_filter::relay::Polled, Duration)> {
-        let now = Instant::now();
-        if now < self.next_poll {
-            return None;
-        }
-        self.next_poll = now + self.poll_every;
-        let polled = self.follower.poll(&StoreRef(&shared.store), router);
-        router.set_state_heard_at(self.follower.heard_at_ms());
-        if !router.models_wanted().is_empty()
-            && let Ok(loaded) = shared.loaded.try_lock()
-        {
-            router.adopt_models(&loaded);
-        }
-        Some((polled, now.elapsed()))
+impl<S: StatsSink> Follow<S> {
+    /// Applies the relayed state to every worker's router, with the Wasm filter's metrics.
+    fn update_workers(&self) {
+        let metrics = &self.link.filter_metrics;
+        self.shared.follow_workers(|polled, router| {
+            // Counters only: this is not an Envoy thread (see `Routing::apply_times`).
+            metrics.state_polled_counts(polled);
+            if polled.snapshot {
+                metrics.state_hash_version(router.foreign_hash_version());
+            }
+        });
     }
 }
 
@@ -375,7 +430,25 @@ mod tests {
     }
 
     fn shared() -> Shared {
-        Shared { store: ProcessStore::default(), loaded: Mutex::new(Router::new(&config()).expect("router")) }
+        Shared {
+            store: ProcessStore::default(),
+            loaded: Mutex::new(Router::new(&config()).expect("router")),
+            workers: (0..2).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// Worker `index`'s router, made as a worker thread makes it on its first request.
+    fn start_worker(shared: &Shared, index: usize) {
+        let router = shared.loaded.lock().expect("loaded").fork(&config()).expect("fork");
+        let (routing, polled) = Routing::new(router, true, &shared.store);
+        assert!(polled.is_some());
+        let state = WorkerState { router: Some(Mutex::new(routing)), settings: Settings::new(&config()) };
+        assert!(shared.workers[index].set(state).is_ok());
+    }
+
+    fn workers_of(shared: &Shared, index: usize) -> usize {
+        let worker = shared.workers[index].get().expect("started");
+        worker.router.as_ref().expect("a router").lock().expect("lock").router.worker_count()
     }
 
     fn snapshot(workers: u32) -> Vec<u8> {
@@ -394,21 +467,37 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_thread_follows_what_the_connection_relayed_when_a_poll_is_due() {
+    fn workers_catch_up_when_made_and_are_brought_along_after_each_message() {
         let shared = shared();
         let mut publisher = Publisher::new(None);
         let received = publisher.receive(&snapshot(2), 1_000, &mut StoreRef(&shared.store)).expect("relayed");
         assert_eq!(received, Received::Snapshot);
 
-        let mut router = Router::new(&config()).expect("router");
-        assert_eq!(router.worker_count(), 0);
-        let mut follower = ThreadFollower::new(Duration::from_secs(60));
-        let (polled, _) = follower.follow(&shared, &mut router).expect("the first poll is due");
-        assert!(polled.snapshot);
-        assert_eq!(router.worker_count(), 2);
-        assert!(!router.state_is_stale(1_000), "heard from at the relay's time");
-        assert!(router.state_is_stale(1_000 + 5_001), "stale past the TTL");
-        assert!(follower.follow(&shared, &mut router).is_none(), "the next poll is not due yet");
+        // A worker made after the snapshot was relayed starts from it.
+        start_worker(&shared, 0);
+        assert_eq!(workers_of(&shared, 0), 2);
+
+        // A new snapshot (another epoch: a restarted control plane) reaches it only when the
+        // connection thread brings the workers along; worker 1 was never made and is skipped.
+        let three = {
+            let update = pb::StateUpdate::decode(snapshot(3).as_slice()).expect("decode");
+            pb::StateUpdate { epoch: 2, ..update }.encode_to_vec()
+        };
+        publisher.receive(&three, 2_000, &mut StoreRef(&shared.store)).expect("relayed");
+        assert_eq!(workers_of(&shared, 0), 2, "nothing is applied on the request path");
+        let mut polls = 0;
+        shared.follow_workers(|polled, router| {
+            polls += 1;
+            assert!(polled.snapshot);
+            assert!(!router.state_is_stale(2_000), "heard from at the relay's time");
+            assert!(router.state_is_stale(2_000 + 5_001), "stale past the TTL");
+        });
+        assert_eq!(polls, 1);
+        assert_eq!(workers_of(&shared, 0), 3);
+        let worker = shared.workers[0].get().expect("started");
+        let mut routing = worker.router.as_ref().expect("a router").lock().expect("lock");
+        assert_eq!(routing.take_apply_times().map(|t| t.len()), Some(1), "one apply to record");
+        assert_eq!(routing.take_apply_times(), None);
     }
 
     #[test]

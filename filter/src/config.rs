@@ -115,7 +115,8 @@ pub struct StateConfig {
     /// flight from this proxy plus the last known engine load) and counted, milliseconds.
     #[serde(default = "defaults::state_ttl_ms")]
     pub ttl_ms: u64,
-    /// How often each VM checks shared data for new state, milliseconds.
+    /// How often each VM checks shared data for new state, milliseconds (the Wasm filter; the
+    /// native module applies each update as it arrives).
     #[serde(default = "defaults::state_poll_ms")]
     pub poll_ms: u64,
 }

@@ -176,13 +176,24 @@ impl<S: StatsSink> Metrics<S> {
 
     pub fn state_polled(&self, polled: &Polled, micros: u64) {
         if polled.snapshot || polled.deltas > 0 {
-            self.record(self.state_apply_us, micros);
+            self.state_apply_time(micros);
         }
+        self.state_polled_counts(polled);
+    }
+
+    /// The counters of [`Metrics::state_polled`] alone (a host whose histograms may only be
+    /// recorded on its own threads records the time later, with [`Metrics::state_apply_time`]).
+    pub fn state_polled_counts(&self, polled: &Polled) {
         if polled.snapshot {
             self.add(self.state_snapshots, 1);
         }
         self.add(self.state_deltas, u64::from(polled.deltas));
         self.add(self.state_malformed, u64::from(polled.malformed));
+    }
+
+    /// How long applying relayed state took, when it applied something.
+    pub fn state_apply_time(&self, micros: u64) {
+        self.record(self.state_apply_us, micros);
     }
 
     /// A request answered by the filter.
