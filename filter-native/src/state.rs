@@ -88,7 +88,7 @@ pub(crate) struct Routing {
     follower: Option<Follower>,
     /// How long the connection thread's applies took, µs, for the worker to record: Envoy's
     /// histograms are per Envoy thread, and recording from another thread crashes Envoy
-    /// (counters and gauges are atomic and safe anywhere). Bounded; the oldest are dropped.
+    /// (counters and gauges are atomic and safe anywhere). Bounded: past it, times are not kept.
     apply_times: Vec<u64>,
 }
 
