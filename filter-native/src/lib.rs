@@ -496,7 +496,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             loaded: Mutex::new(loaded),
             workers: (0..MAX_WORKERS).map(|_| OnceLock::new()).collect(),
         });
+        // Every metric is defined before the connection thread starts: Envoy appends a definition
+        // to the lists that updates from that thread read.
         let metrics = Arc::new(Metrics::define(EnvoyStats(config_envoy)));
+        let accuracy = AccuracyMetrics::define(EnvoyStats(config_envoy));
         metrics.model_loaded_n(shared.loaded.lock().map_or(0, |r| r.model_count()));
         let connection = match filter.control_plane.as_ref().and_then(|cp| Some((cp, cp.address.clone()?))) {
             None => None,
@@ -518,13 +521,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 }
             }
         };
-        let config = Config {
-            _connection: connection,
-            filter,
-            shared,
-            metrics,
-            accuracy: AccuracyMetrics::define(EnvoyStats(config_envoy)),
-        };
+        let config = Config { _connection: connection, filter, shared, metrics, accuracy };
         Box::into_raw(Box::new(config)) as ConfigModulePtr
     })
 }
