@@ -139,6 +139,17 @@ fn metrics_result(result: u32) -> Result<(), String> {
     if result == METRICS_SUCCESS { Ok(()) } else { Err(format!("metrics result {result}")) }
 }
 
+/// Envoy's counter, gauge and histogram updates share one signature.
+type MetricUpdate = unsafe extern "C" fn(ConfigEnvoyPtr, usize, *mut ModuleBuffer, usize, u64) -> u32;
+
+impl EnvoyStats {
+    /// Applies `value` to metric `id` without labels through one of Envoy's update callbacks.
+    fn update(&self, callback: MetricUpdate, id: u32, value: u64) -> Result<(), String> {
+        // SAFETY: the configuration pointer is Envoy's (see the `Send`/`Sync` note); no labels.
+        metrics_result(unsafe { callback(self.0, id as usize, std::ptr::null_mut(), 0, value) })
+    }
+}
+
 impl StatsSink for EnvoyStats {
     fn define(&self, kind: MetricKind, name: &str) -> Option<u32> {
         let mut id = 0usize;
@@ -162,42 +173,15 @@ impl StatsSink for EnvoyStats {
     }
 
     fn add(&self, id: u32, by: u64) -> Result<(), String> {
-        // SAFETY: as `define`.
-        metrics_result(unsafe {
-            envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                self.0,
-                id as usize,
-                std::ptr::null_mut(),
-                0,
-                by,
-            )
-        })
+        self.update(envoy_dynamic_module_callback_http_filter_config_increment_counter, id, by)
     }
 
     fn set(&self, id: u32, value: u64) -> Result<(), String> {
-        // SAFETY: as `define`.
-        metrics_result(unsafe {
-            envoy_dynamic_module_callback_http_filter_config_set_gauge(
-                self.0,
-                id as usize,
-                std::ptr::null_mut(),
-                0,
-                value,
-            )
-        })
+        self.update(envoy_dynamic_module_callback_http_filter_config_set_gauge, id, value)
     }
 
     fn record(&self, id: u32, value: u64) -> Result<(), String> {
-        // SAFETY: as `define`.
-        metrics_result(unsafe {
-            envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
-                self.0,
-                id as usize,
-                std::ptr::null_mut(),
-                0,
-                value,
-            )
-        })
+        self.update(envoy_dynamic_module_callback_http_filter_config_record_histogram_value, id, value)
     }
 }
 
