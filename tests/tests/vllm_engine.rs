@@ -103,6 +103,19 @@ impl Serve {
         list.into_iter().filter_map(|w| Some((w["id"].as_str()?.to_owned(), w))).collect()
     }
 
+    /// Waits until the control plane's load of each of `workers` shows nothing running or waiting:
+    /// a request sent to an engine directly has ended there, but the agent's next metrics scrape
+    /// says so, and until then its load still counts it (which can tip a close routing cost).
+    fn wait_idle(&self, workers: &[&str]) {
+        wait_until("the engines' load reports show them idle", Duration::from_secs(20), || {
+            let all = self.workers();
+            workers.iter().all(|id| {
+                let load = &all.get(*id).map(|w| w["load"].clone()).unwrap_or_default();
+                load["running"].as_u64() == Some(0) && load["waiting"].as_u64() == Some(0)
+            })
+        });
+    }
+
     /// Each worker's HTTP port, by id.
     fn worker_ports(&self) -> BTreeMap<String, u16> {
         self.workers()
@@ -340,6 +353,7 @@ fn serve_routes_real_vllm_engines_through_envoy() {
     let first = post_chat(port0, &chat("astronomy", "What is a comet?"));
     assert_eq!(first.cached_tokens, 0, "a fresh engine had tokens cached");
     serve.wait_synced(w0, &witness0);
+    serve.wait_idle(&[w0, w1]);
     serve.wait_filter_caught_up();
     let probe = chat("astronomy", "And an asteroid?");
     let explained = serve.explain(&probe);
@@ -388,6 +402,7 @@ fn serve_routes_real_vllm_engines_through_envoy() {
     for topic in fill0.iter().rev().chain(&["astronomy"]).chain(fill1.iter().rev()) {
         serve.wait_synced(w0, &witness0);
         serve.wait_synced(w1, &witness1);
+        serve.wait_idle(&[w0, w1]);
         serve.wait_filter_caught_up();
         let body = chat(topic, "Probe?");
         let explained = serve.explain(&body);
